@@ -1,0 +1,221 @@
+"""Noisy guidance classifier p(y | x_t, t), spectral normalisation and temperature scaling.
+
+[ZSI] Sec. 4.2 / 5.5 and EXPERIMENTS.md §3: the "encoder half" of the U-Net [ADM sec. 4] (the same
+ResBlocks and attention as unet.py, resblock_updown, attention pooling) with K outputs, trained with
+cross-entropy on x_t = q_sample(x_0, t) at uniform t of the *same* diffusion chain as the DDPM, with the raw
+integer t. Its gradient ∇_{x_t} log p(y | x_t, t) is what guidance.py turns into (multi-)guidance.
+
+Spectral normalisation [Miyato et al. 2018], used by [ZSI] Sec. 5.5 to smooth the classifier in the unseen
+middle: every Conv2d/Linear weight W is replaced by lipschitz · W / σ̂(W), σ̂ the largest singular value of
+W reshaped to (out, in·k·k), estimated by power iteration with persistent u/v buffers (n iterations per
+training forward, none in eval). Differences from the official copy (EXPERIMENTS.md §3.3, §16.15), all on
+purpose: the Lipschitz factor is saved with the model (the official sampler silently doubled it); biases are
+left alone (the official code projects them to unit norm, which bounds nothing); zero-initialised layers are
+normalised as soon as they become non-zero (the official power iteration got stuck at u = v = 0).
+
+Temperature scaling [Guo et al. 2017]: one scalar T fitted on held-out logits by minimising the NLL, stored
+in the model as a buffer, reported with the 15-bin ECE before and after.
+"""
+import math
+from dataclasses import dataclass, asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils import parametrize
+
+from unet import build_encoder, normalization, time_mlp, timestep_embedding
+
+
+class AttentionPool2d(nn.Module):
+    """CLIP-style attention pooling: prepend the mean token, add a learned position embedding, attend,
+    project; the output is the mean token's [ADM sec. 4]."""
+
+    def __init__(self, spatial, embed_dim, num_head_channels, output_dim):
+        super().__init__()
+        self.positional_embedding = nn.Parameter(torch.randn(embed_dim, spatial ** 2 + 1) / embed_dim ** 0.5)
+        self.qkv_proj = nn.Linear(embed_dim, 3 * embed_dim)
+        self.c_proj = nn.Linear(embed_dim, output_dim)
+        self.num_heads = max(1, embed_dim // num_head_channels)
+
+    def forward(self, x):
+        b, c = x.shape[:2]
+        x = x.reshape(b, c, -1)
+        x = torch.cat([x.mean(dim=-1, keepdim=True), x], dim=-1) + self.positional_embedding.to(x.dtype)
+        q, k, v = self.qkv_proj(x.transpose(1, 2)).reshape(b, -1, 3, self.num_heads, c // self.num_heads) \
+            .permute(2, 0, 3, 1, 4)
+        h = F.scaled_dot_product_attention(q, k, v)[:, :, :1]                 # only the pooled token
+        return self.c_proj(h.transpose(1, 2).reshape(b, c))
+
+
+@dataclass
+class ClassifierConfig:
+    """Constructor arguments of the noisy classifier; saved next to every checkpoint."""
+    image_size: int = 64
+    in_channels: int = 3
+    model_channels: int = 128               # classifier_width
+    num_res_blocks: int = 2                 # classifier_depth
+    attention_resolutions: tuple = (32, 16, 8)
+    channel_mult: tuple = (1, 2, 3, 4)
+    num_head_channels: int = 64
+    num_classes: int = 2                    # K outputs (the official code had 1000, sliced to K)
+    use_scale_shift_norm: bool = True
+    resblock_updown: bool = True
+    dropout: float = 0.0
+    spectral_norm: bool = False
+    lipschitz: float = 0.5                  # per-layer bound when spectral_norm (official training default)
+    n_power_iterations: int = 2
+
+    def build(self):
+        kwargs = asdict(self)
+        sn = {k: kwargs.pop(k) for k in ("spectral_norm", "lipschitz", "n_power_iterations")}
+        model = EncoderUNet(**kwargs)
+        if sn["spectral_norm"]:
+            apply_spectral_norm(model, sn["lipschitz"], sn["n_power_iterations"])
+        return model
+
+
+def default_channel_mult(image_size):
+    """The official `create_classifier` choice of channel_mult per image size."""
+    return {128: (1, 1, 2, 3, 4), 64: (1, 2, 3, 4), 32: (1, 2, 2, 2), 16: (1, 2, 2)}.get(image_size, (1, 2, 2))
+
+
+class EncoderUNet(nn.Module):
+    """Timestep-conditioned encoder + attention pooling -> K logits (divided by the stored temperature)."""
+
+    def __init__(self, image_size=64, in_channels=3, model_channels=128, num_res_blocks=2,
+                 attention_resolutions=(32, 16, 8), channel_mult=(1, 2, 3, 4), num_head_channels=64,
+                 num_classes=2, use_scale_shift_norm=True, resblock_updown=True, dropout=0.0):
+        super().__init__()
+        self.model_channels = model_channels
+        self.time_embed = time_mlp(model_channels)
+        self.input_blocks, self.middle_block, _, ch, res = build_encoder(
+            image_size, in_channels, model_channels, num_res_blocks, attention_resolutions, channel_mult,
+            1, num_head_channels, dropout, use_scale_shift_norm, resblock_updown)
+        self.out_norm = normalization(ch)
+        self.pool = AttentionPool2d(res, ch, num_head_channels, num_classes)
+        self.register_buffer("temperature", torch.ones(()))
+
+    def forward(self, x, t):
+        """x: [N, C, H, W] noisy images x_t; t: [N] integer timesteps. Returns float32 logits / T."""
+        emb = self.time_embed(timestep_embedding(t, self.model_channels))
+        h = x
+        for block in self.input_blocks:
+            h = block(h, emb)
+        h = self.middle_block(h, emb)
+        return self.pool(F.silu(self.out_norm(h))).float() / self.temperature
+
+
+def noisy_classifier_loss(classifier, diffusion, x0, y, generator=None):
+    """Cross-entropy of p(y | x_t, t) with t ~ U{0..T-1} and x_t = q_sample(x_0, t) (EXPERIMENTS.md §3.2).
+
+    Returns (mean loss, logits) so that callers can log accuracy too.
+    """
+    t = torch.randint(0, diffusion.num_steps, (x0.shape[0],), generator=generator).to(x0.device)
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+    logits = classifier(diffusion.q_sample(x0, t, noise), t)
+    return F.cross_entropy(logits, y), logits
+
+
+# ---------------------------------------------------------------------------------------------------
+# Spectral normalisation
+# ---------------------------------------------------------------------------------------------------
+
+class SpectralNorm(nn.Module):
+    """Parametrization W -> lipschitz · W / σ̂(W) with a power-iteration estimate σ̂ = uᵀ W v."""
+
+    def __init__(self, weight, lipschitz=0.5, n_power_iterations=2, eps=1e-12):
+        super().__init__()
+        self.lipschitz, self.n_power_iterations, self.eps = lipschitz, n_power_iterations, eps
+        mat = weight.detach().flatten(1)
+        self.register_buffer("_u", F.normalize(torch.randn(mat.shape[0]), dim=0, eps=eps))
+        self.register_buffer("_v", F.normalize(torch.randn(mat.shape[1]), dim=0, eps=eps))
+        self._power_iteration(mat, 100)  # converge once; training keeps it converged
+
+    @torch.no_grad()
+    def _power_iteration(self, mat, n):
+        """u <- Wv/|Wv|, v <- Wᵀu/|Wᵀu|; a zero weight leaves u, v unchanged instead of zeroing them."""
+        for _ in range(n):
+            for vec, new in ((self._v, mat.t() @ self._u), (self._u, mat @ self._v)):
+                norm = new.norm()
+                if norm > self.eps:
+                    vec.copy_(new / norm)
+
+    def sigma(self, weight):
+        mat = weight.flatten(1)
+        return torch.dot(self._u, mat @ self._v)
+
+    def forward(self, weight):
+        if self.training:
+            self._power_iteration(weight.detach().flatten(1).float(), self.n_power_iterations)
+        return weight * (self.lipschitz / self.sigma(weight).abs().clamp(min=self.eps))
+
+
+def apply_spectral_norm(model, lipschitz=0.5, n_power_iterations=2):
+    """Normalise every Conv2d and Linear weight of the convolutional trunk and time MLP.
+
+    As in the official code, the attention layers (AttentionBlock, AttentionPool2d) and GroupNorm are left
+    alone. Call before load_state_dict when restoring an SN checkpoint.
+    """
+    from unet import AttentionBlock
+    skip = {id(m) for a in model.modules() if isinstance(a, (AttentionBlock, AttentionPool2d))
+            for m in a.modules()}
+    for module in list(model.modules()):
+        if isinstance(module, (nn.Conv2d, nn.Linear)) and id(module) not in skip:
+            parametrize.register_parametrization(
+                module, "weight", SpectralNorm(module.weight, lipschitz, n_power_iterations))
+    return model
+
+
+def spectral_norm_sigmas(model):
+    """The true largest singular value of every normalised (reshaped) weight, for checking the bound."""
+    out = {}
+    for name, module in model.named_modules():
+        if parametrize.is_parametrized(module, "weight"):
+            out[name] = torch.linalg.matrix_norm(module.weight.detach().flatten(1), ord=2).item()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Temperature scaling
+# ---------------------------------------------------------------------------------------------------
+
+def fit_temperature(logits, labels, max_iter=100):
+    """The T > 0 minimising NLL(softmax(logits / T), labels) [Guo et al. 2017], by L-BFGS on log T."""
+    logits, labels = logits.detach().float(), labels.long()
+    log_t = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(log_t.detach().exp())
+
+
+def expected_calibration_error(probs, labels, n_bins=15):
+    """ECE with equal-width confidence bins [Guo et al. 2017 eq. 3]: Σ_b |B_b|/n · |acc(B_b) - conf(B_b)|."""
+    conf, pred = probs.max(dim=1)
+    correct = (pred == labels).float()
+    edges = torch.linspace(0, 1, n_bins + 1)
+    ece = torch.zeros(())
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        in_bin = (conf > lo) & (conf <= hi)
+        if in_bin.any():
+            ece += in_bin.float().mean() * (correct[in_bin].mean() - conf[in_bin].mean()).abs()
+    return float(ece)
+
+
+def calibrate(classifier, logits, labels):
+    """Fit T on held-out logits (computed at T = 1), store it in the classifier, return a report dict."""
+    logits = logits.detach().float()
+    temperature = fit_temperature(logits, labels)
+    classifier.temperature.fill_(temperature)
+    return dict(temperature=temperature,
+                ece_before=expected_calibration_error(logits.softmax(1), labels),
+                ece_after=expected_calibration_error((logits / temperature).softmax(1), labels),
+                nll_before=float(F.cross_entropy(logits, labels)),
+                nll_after=float(F.cross_entropy(logits / temperature, labels)))

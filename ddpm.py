@@ -1,0 +1,364 @@
+"""Gaussian diffusion: forward process, learned-variance reverse process, hybrid loss, samplers.
+
+Implements [ZSI] App. A, which follows [DDPM] and [IDDPM]:
+  cosine schedule               [IDDPM eq. 17]   = [ZSI eq. 10]   -> cosine_betas
+  q(x_t | x_0)                  [DDPM eq. 4]                      -> Diffusion.q_sample
+  q(x_{t-1} | x_t, x_0)         [DDPM eq. 6-7]   (ZSI eq. 5 is mistyped) -> Diffusion.q_posterior
+  learned-range variance        [IDDPM eq. 15]                    -> Diffusion.p_mean_variance
+  L_hybrid = L_simple + λ L_vlb [IDDPM eq. 16]                    -> Diffusion.training_losses
+  ancestral sampling            [DDPM Alg. 2]                     -> Diffusion.p_sample_loop
+  classifier guidance           [ADM Alg. 1]  = [ZSI eq. 2-3]     -> cond_fn argument of the samplers
+  DDIM                          [DDIM eq. 12]                     -> Diffusion.ddim_sample_loop
+  respacing                     [IDDPM sec. 4]                    -> Diffusion.respace
+
+Symbol -> attribute (index 0 is the paper's t = 1, as in the official code):
+  β_t -> betas        α_t -> alphas          ᾱ_t -> alphas_cumprod     ᾱ_{t-1} -> alphas_cumprod_prev
+  β̃_t -> posterior_variance   log β̃_t (β̃_0 replaced by β̃_1) -> posterior_log_variance_clipped
+  T   -> num_steps    kept original indices after respacing -> timestep_map
+
+Schedules are computed in float64 (numpy) and gathered into float32 tensors, exactly like
+improved-diffusion. Networks always receive the *original* integer timestep (0..T-1, no rescaling),
+also after respacing, so a classifier trained on the full chain guides a respaced sampler.
+
+Guidance semantics (EXPERIMENTS.md §1.7): ancestral sampling shifts the mean, μ' = μ + Σ ⊙ g, where
+g = cond_fn(x_t, t) is the gradient of the weighted class log-probabilities *at x_t* (guided-diffusion's
+choice; [ZSI] Sec. 2.2 writes the gradient at μ). DDIM uses the score form ε' = ε - sqrt(1-ᾱ_t) g.
+"""
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+# ---------------------------------------------------------------------------------------------------
+# Schedules
+# ---------------------------------------------------------------------------------------------------
+
+def cosine_betas(num_steps, s=0.008, max_beta=0.999):
+    """[IDDPM eq. 17]: ᾱ(u) = cos²((u + s)/(1 + s) · π/2), β_i = min(1 - ᾱ((i+1)/T) / ᾱ(i/T), max_beta)."""
+    f = lambda u: math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+    return np.array([min(1 - f((i + 1) / num_steps) / f(i / num_steps), max_beta)
+                     for i in range(num_steps)], dtype=np.float64)
+
+
+def linear_betas(num_steps):
+    """[DDPM] linear schedule 1e-4..0.02, rescaled so any T gives the same shape as T = 1000."""
+    scale = 1000 / num_steps
+    return np.linspace(scale * 1e-4, scale * 0.02, num_steps, dtype=np.float64)
+
+
+def space_timesteps(num_steps, spec):
+    """The original indices kept when respacing, exactly like improved-diffusion's `space_timesteps`.
+
+    spec: an int K or "K" (evenly strided, Python round-half-to-even), "a,b,c" (T split into equal
+    sections, each with its own count) or "ddimK" (the smallest integer stride giving K steps).
+    """
+    spec = str(spec)
+    if spec.startswith("ddim"):
+        k = int(spec[len("ddim"):])
+        for stride in range(1, num_steps):
+            if len(range(0, num_steps, stride)) == k:
+                return list(range(0, num_steps, stride))
+        raise ValueError(f"cannot make {k} evenly strided steps out of {num_steps}")
+    counts = [int(c) for c in spec.split(",")]
+    size_per, extra = divmod(num_steps, len(counts))
+    kept, start = [], 0
+    for i, count in enumerate(counts):
+        size = size_per + (1 if i < extra else 0)
+        if not 1 <= count <= size:
+            raise ValueError(f"cannot divide a section of {size} steps into {count}")
+        stride = 1 if count <= 1 else (size - 1) / (count - 1)
+        kept += [start + round(j * stride) for j in range(count)]
+        start += size
+    return sorted(set(kept))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Gaussian helpers (pure functions)
+# ---------------------------------------------------------------------------------------------------
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def approx_standard_normal_cdf(x):
+    """Φ(x) ≈ ½(1 + tanh(sqrt(2/π)(x + 0.044715 x³))), the approximation improved-diffusion uses."""
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def discretized_gaussian_log_likelihood(x, means, log_scales):
+    """log p(x) of data on the 256-level grid of [-1, 1] under N(means, e^(2 log_scales)) [DDPM sec. 3.3].
+
+    Each pixel value owns the bin [x - 1/255, x + 1/255]; the edge bins extend to ±∞. Nats, elementwise.
+    """
+    centered = x - means
+    inv_stdv = torch.exp(-log_scales)
+    cdf_plus = approx_standard_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
+    cdf_min = approx_standard_normal_cdf(inv_stdv * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    log_cdf_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_plus,
+                       torch.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
+
+
+def mean_flat(x):
+    """Mean over every dimension but the batch."""
+    return x.mean(dim=tuple(range(1, x.ndim)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The diffusion
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class DiffusionConfig:
+    """Everything needed to rebuild a Diffusion; saved next to every checkpoint."""
+    num_steps: int = 4000        # T [ZSI App. C]
+    schedule: str = "cosine"     # "cosine" [IDDPM] (every paper run) or "linear" [DDPM]
+    learn_sigma: bool = True     # learned-range variance + hybrid loss [IDDPM]; False: fixed β_t
+    sigma_small: bool = False    # with learn_sigma=False: β̃_t instead of β_t
+    vb_scale: float = 1.0        # 1 = official configs (rescale_learned_sigmas: false); T/1000 = paper's λ=0.001
+
+    def build(self):
+        betas = {"cosine": cosine_betas, "linear": linear_betas}[self.schedule](self.num_steps)
+        return Diffusion(betas, learn_sigma=self.learn_sigma, sigma_small=self.sigma_small,
+                         vb_scale=self.vb_scale)
+
+
+class Diffusion:
+    """A discrete-time Gaussian diffusion with T = len(betas) steps.
+
+    The model is any callable `model(x_t, t, **model_kwargs) -> tensor` with 2C channels when
+    `learn_sigma` (ε̂ then v) and C channels otherwise; t is the original integer timestep.
+    """
+
+    def __init__(self, betas, learn_sigma=True, sigma_small=False, vb_scale=1.0, timestep_map=None):
+        betas = np.asarray(betas, dtype=np.float64)
+        assert betas.ndim == 1 and (betas > 0).all() and (betas <= 1).all(), "betas must lie in (0, 1]"
+        self.betas = betas
+        self.num_steps = len(betas)
+        self.learn_sigma, self.sigma_small, self.vb_scale = learn_sigma, sigma_small, vb_scale
+        self.timestep_map = np.arange(self.num_steps) if timestep_map is None else np.asarray(timestep_map)
+
+        self.alphas = 1.0 - betas
+        self.alphas_cumprod = np.cumprod(self.alphas)
+        self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
+        self.alphas_cumprod_next = np.append(self.alphas_cumprod[1:], 0.0)
+        self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
+        self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
+        self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
+        self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1)
+        # q(x_{t-1} | x_t, x_0) [DDPM eq. 7]
+        self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        # β̃_0 = 0, so its log is replaced by log β̃_1 (improved-diffusion's clipping).
+        self.posterior_log_variance_clipped = np.log(
+            np.append(self.posterior_variance[1], self.posterior_variance[1:]))
+        self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = ((1.0 - self.alphas_cumprod_prev) * np.sqrt(self.alphas)
+                                     / (1.0 - self.alphas_cumprod))
+
+    # ----- bookkeeping -----
+    def _extract(self, arr, t, x):
+        """arr[t] as float32, shaped to broadcast against x. t: int64 tensor of shape [N]."""
+        out = torch.from_numpy(arr).to(device=x.device)[t.to(x.device)].float()
+        return out.view(-1, *([1] * (x.ndim - 1)))
+
+    def _call(self, fn, x, t, **kwargs):
+        """Call a network (or cond_fn) with the original timesteps of this (maybe respaced) chain."""
+        t_orig = torch.from_numpy(self.timestep_map).to(t.device)[t]
+        return fn(x, t_orig, **kwargs)
+
+    def respace(self, spec):
+        """A chain using only the kept steps of `space_timesteps(T, spec)` [IDDPM sec. 4].
+
+        New betas are recomputed so that the respaced ᾱ'_j equals the original ᾱ at the kept index k_j
+        (β' is not re-clipped); `timestep_map` maps j back to k_j for every network call.
+        """
+        kept = space_timesteps(self.num_steps, spec)
+        betas, last = [], 1.0
+        for k in kept:
+            betas.append(1.0 - self.alphas_cumprod[k] / last)
+            last = self.alphas_cumprod[k]
+        return Diffusion(np.array(betas), learn_sigma=self.learn_sigma, sigma_small=self.sigma_small,
+                         vb_scale=self.vb_scale, timestep_map=self.timestep_map[kept])
+
+    # ----- forward process -----
+    def q_sample(self, x0, t, noise=None):
+        """x_t = sqrt(ᾱ_t) x_0 + sqrt(1-ᾱ_t) ε  [DDPM eq. 4]."""
+        noise = torch.randn_like(x0) if noise is None else noise
+        return (self._extract(self.sqrt_alphas_cumprod, t, x0) * x0
+                + self._extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
+
+    def q_posterior(self, x0, x_t, t):
+        """Mean, variance and clipped log variance of q(x_{t-1} | x_t, x_0) [DDPM eq. 6-7]."""
+        mean = (self._extract(self.posterior_mean_coef1, t, x_t) * x0
+                + self._extract(self.posterior_mean_coef2, t, x_t) * x_t)
+        return (mean, self._extract(self.posterior_variance, t, x_t),
+                self._extract(self.posterior_log_variance_clipped, t, x_t))
+
+    def predict_x0_from_eps(self, x_t, t, eps):
+        return (self._extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
+                - self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps)
+
+    def predict_eps_from_x0(self, x_t, t, x0):
+        return ((self._extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x0)
+                / self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t))
+
+    # ----- reverse process -----
+    def p_mean_variance(self, model, x_t, t, clip_denoised=True, model_kwargs=None, model_output=None):
+        """p(x_{t-1} | x_t) from the network output [ZSI eq. 7-8], [IDDPM eq. 15].
+
+        The network predicts ε̂ and, with learn_sigma, v: log Σ = (v+1)/2 · log β_t + (1-v)/2 · log β̃_t
+        (v is not clamped). μ is the posterior mean at x̂_0 = x̂_0(x_t, ε̂), clamped to [-1, 1] when
+        clip_denoised. Returns dict(mean, variance, log_variance, pred_x0, eps).
+        """
+        out = self._call(model, x_t, t, **(model_kwargs or {})) if model_output is None else model_output
+        c = x_t.shape[1]
+        if self.learn_sigma:
+            assert out.shape[1] == 2 * c, f"learn_sigma needs {2 * c} output channels, got {out.shape[1]}"
+            eps, v = out[:, :c], out[:, c:]
+            min_log = self._extract(self.posterior_log_variance_clipped, t, x_t)
+            max_log = self._extract(np.log(self.betas), t, x_t)
+            frac = (v + 1) / 2
+            log_variance = frac * max_log + (1 - frac) * min_log
+            variance = torch.exp(log_variance)
+        else:
+            eps = out
+            if self.sigma_small:
+                var, log_var = self.posterior_variance, self.posterior_log_variance_clipped
+            else:  # β_t, with β_0 replaced by β̃_1 so that the decoder's variance is not too large
+                var = np.append(self.posterior_variance[1], self.betas[1:])
+                log_var = np.log(var)
+            variance = self._extract(var, t, x_t).expand_as(x_t)
+            log_variance = self._extract(log_var, t, x_t).expand_as(x_t)
+        pred_x0 = self.predict_x0_from_eps(x_t, t, eps)
+        if clip_denoised:
+            pred_x0 = pred_x0.clamp(-1, 1)
+        mean, _, _ = self.q_posterior(pred_x0, x_t, t)
+        return dict(mean=mean, variance=variance, log_variance=log_variance, pred_x0=pred_x0, eps=eps)
+
+    # ----- training -----
+    def training_losses(self, model, x0, t, noise=None, model_kwargs=None):
+        """Per-example L_hybrid = L_simple + vb_scale · L_t [IDDPM eq. 16]. Returns dict(loss, mse, vb).
+
+        mse: mean over pixels of (ε - ε̂)². vb: the single-step term of L_vlb in bits/dim,
+        KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for t > 0 and the discretized-Gaussian decoder NLL at t = 0.
+        vb sees ε̂ through a stop-gradient, so it trains only the variance and L_simple alone drives the
+        mean ([IDDPM sec. 3.1]: the vlb term is too noisy to train the mean).
+        The official configs add vb unscaled (vb_scale=1: weight 1/T on the full L_vlb, since
+        L_vlb ≈ T·L_t); the paper text's λ = 0.001 is vb_scale = T/1000.
+        """
+        noise = torch.randn_like(x0) if noise is None else noise
+        x_t = self.q_sample(x0, t, noise)
+        out = self._call(model, x_t, t, **(model_kwargs or {})).float()
+        c = x0.shape[1]
+        mse = mean_flat((noise - out[:, :c]) ** 2)
+        if not self.learn_sigma:
+            vb = torch.zeros_like(mse)
+        else:
+            frozen = torch.cat([out[:, :c].detach(), out[:, c:]], dim=1)
+            vb = self.vb_terms_bpd(x0, x_t, t, model_output=frozen)
+        return dict(loss=mse + self.vb_scale * vb, mse=mse, vb=vb)
+
+    def vb_terms_bpd(self, x0, x_t, t, model=None, model_output=None, clip_denoised=False):
+        """L_t in bits per dimension: KL for t > 0, decoder NLL for t = 0 [IDDPM eq. 4-6]."""
+        true_mean, _, true_log_var = self.q_posterior(x0, x_t, t)
+        p = self.p_mean_variance(model, x_t, t, clip_denoised=clip_denoised, model_output=model_output)
+        kl = mean_flat(normal_kl(true_mean, true_log_var, p["mean"], p["log_variance"])) / math.log(2.0)
+        nll = -mean_flat(discretized_gaussian_log_likelihood(
+            x0, p["mean"], 0.5 * p["log_variance"])) / math.log(2.0)
+        return torch.where(t == 0, nll, kl)
+
+    # ----- ancestral sampling -----
+    def p_sample(self, model, x_t, t, cond_fn=None, clip_denoised=True, model_kwargs=None, noise=None):
+        """One step x_t -> x_{t-1} [DDPM Alg. 2], with the guided mean μ + Σ ⊙ cond_fn(x_t, t) [ADM Alg. 1]."""
+        out = self.p_mean_variance(model, x_t, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
+        mean = out["mean"]
+        if cond_fn is not None:
+            mean = mean + out["variance"] * self._call(cond_fn, x_t, t).float()
+        noise = torch.randn_like(x_t) if noise is None else noise
+        nonzero = (t != 0).float().view(-1, *([1] * (x_t.ndim - 1)))  # no noise at the last step
+        return dict(sample=mean + nonzero * torch.exp(0.5 * out["log_variance"]) * noise,
+                    pred_x0=out["pred_x0"])
+
+    def _indices(self, t_start, progress):
+        steps = list(range(self.num_steps if t_start is None else t_start + 1))[::-1]
+        if progress is True:
+            from tqdm.auto import tqdm
+            return tqdm(steps, desc="sampling", unit="step", leave=False)
+        return steps
+
+    def p_sample_loop(self, model, shape, noise=None, cond_fn=None, clip_denoised=True, model_kwargs=None,
+                      progress=False, device=None, generator=None):
+        """Sample x_0 by running p_sample from x_{T-1} ~ N(0, I) down to index 0.
+
+        generator: an optional torch.Generator for reproducible noise (CPU generators only).
+        """
+        device = device or (noise.device if noise is not None else "cpu")
+        randn = lambda: torch.randn(*shape, generator=generator).to(device)
+        x = randn() if noise is None else noise
+        for i in self._indices(None, progress):
+            t = torch.full((shape[0],), i, dtype=torch.long, device=device)
+            with torch.no_grad():
+                x = self.p_sample(model, x, t, cond_fn=cond_fn, clip_denoised=clip_denoised,
+                                  model_kwargs=model_kwargs, noise=randn() if i > 0 else None)["sample"]
+        return x
+
+    # ----- DDIM -----
+    def condition_score(self, cond_fn, out, x_t, t):
+        """Guidance in score form for DDIM [ADM eq. 14]: ε' = ε̂ - sqrt(1-ᾱ_t) g; x̂_0 re-derived (no re-clip)."""
+        eps = self.predict_eps_from_x0(x_t, t, out["pred_x0"])
+        eps = eps - self._extract(self.sqrt_one_minus_alphas_cumprod, t, x_t) * self._call(cond_fn, x_t, t).float()
+        return self.predict_x0_from_eps(x_t, t, eps)
+
+    def ddim_sample(self, model, x_t, t, cond_fn=None, eta=0.0, clip_denoised=True, model_kwargs=None,
+                    noise=None):
+        """One DDIM step [DDIM eq. 12]; σ_t = η sqrt((1-ᾱ_{t-1})/(1-ᾱ_t)) sqrt(1-ᾱ_t/ᾱ_{t-1}) [DDIM eq. 16]."""
+        out = self.p_mean_variance(model, x_t, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
+        pred_x0 = out["pred_x0"] if cond_fn is None else self.condition_score(cond_fn, out, x_t, t)
+        eps = self.predict_eps_from_x0(x_t, t, pred_x0)
+        a_bar = self._extract(self.alphas_cumprod, t, x_t)
+        a_bar_prev = self._extract(self.alphas_cumprod_prev, t, x_t)
+        sigma = eta * torch.sqrt((1 - a_bar_prev) / (1 - a_bar)) * torch.sqrt(1 - a_bar / a_bar_prev)
+        mean = pred_x0 * torch.sqrt(a_bar_prev) + torch.sqrt((1 - a_bar_prev - sigma ** 2).clamp(min=0)) * eps
+        nonzero = (t != 0).float().view(-1, *([1] * (x_t.ndim - 1)))
+        if noise is None:
+            noise = torch.randn_like(x_t)
+        return dict(sample=mean + nonzero * sigma * noise, pred_x0=pred_x0)
+
+    def ddim_reverse_sample(self, model, x_t, t, clip_denoised=False, model_kwargs=None):
+        """Deterministic DDIM inversion x_t -> x_{t+1} (η = 0)."""
+        out = self.p_mean_variance(model, x_t, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
+        eps = self.predict_eps_from_x0(x_t, t, out["pred_x0"])
+        a_bar_next = self._extract(self.alphas_cumprod_next, t, x_t)
+        return out["pred_x0"] * torch.sqrt(a_bar_next) + torch.sqrt(1 - a_bar_next) * eps
+
+    def ddim_sample_loop(self, model, shape, noise=None, cond_fn=None, eta=0.0, clip_denoised=True,
+                         model_kwargs=None, progress=False, device=None, generator=None, t_start=None):
+        """DDIM from index t_start (default T-1) down to 0, starting at `noise`.
+
+        eta: a float, or a function of the (respaced) index giving a per-step η_t ([ZSI App. N]).
+        """
+        device = device or (noise.device if noise is not None else "cpu")
+        randn = lambda: torch.randn(*shape, generator=generator).to(device)
+        x = randn() if noise is None else noise
+        for i in self._indices(t_start, progress):
+            t = torch.full((shape[0],), i, dtype=torch.long, device=device)
+            eta_i = eta(i) if callable(eta) else eta
+            with torch.no_grad():
+                x = self.ddim_sample(model, x, t, cond_fn=cond_fn, eta=eta_i, clip_denoised=clip_denoised,
+                                     model_kwargs=model_kwargs, noise=randn() if eta_i > 0 else None)["sample"]
+        return x
+
+    def ddim_reverse_loop(self, model, x0, t_stop, clip_denoised=False, model_kwargs=None):
+        """Invert x_0 deterministically to x at index t_stop (inclusive), running indices 0..t_stop-1."""
+        x = x0
+        for i in range(t_stop):
+            t = torch.full((x0.shape[0],), i, dtype=torch.long, device=x0.device)
+            with torch.no_grad():
+                x = self.ddim_reverse_sample(model, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
+        return x

@@ -1,0 +1,139 @@
+"""The entry points end to end on a tiny 16x16 run: train, resume, sample, evaluate, and bad input."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--data", "circles", "--image-size", "16", "--model-channels", "8", "--classifier-width", "8",
+        "--sample-steps", "4", "--eval-samples", "4", "--log-every", "2", "--ckpt-every", "2"]
+
+
+def run(script, *args, ok=True):
+    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+    if ok:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "circles"
+    run("train.py", *TINY, "--out", out, "--steps", "6", "--classifier-steps", "4")
+    return out
+
+
+def test_training_writes_the_run_folder(tiny_run):
+    for name in ("config.json", "ddpm.pt", "ddpm_loss.csv", "ddpm_samples.png", "ddpm_samples.npz", "ddpm_report.md",
+                 "train_examples.png", "classifier.pt", "classifier.json", "classifier_heatmap.png"):
+        assert (tiny_run / name).exists(), name
+    cfg = json.loads((tiny_run / "config.json").read_text())
+    assert cfg["unet"]["image_size"] == 16 and cfg["diffusion"]["num_steps"] == 4000
+    state = torch.load(tiny_run / "ddpm.pt", weights_only=True)
+    assert state["step"] == 6 and {"model", "ema", "opt", "scaler", "rng", "config"} <= set(state)
+
+
+def test_resume_continues_from_the_checkpoint(tiny_run, tmp_path):
+    import shutil
+    run_dir = tmp_path / "r"
+    shutil.copytree(tiny_run, run_dir)
+    before = torch.load(run_dir / "ddpm.pt", weights_only=True)
+    proc = run("train.py", *TINY, "--out", run_dir, "--steps", "8", "--what", "ddpm", "--resume")
+    assert "resumed from" in proc.stdout and "at step 6" in proc.stdout
+    after = torch.load(run_dir / "ddpm.pt", weights_only=True)
+    assert after["step"] == 8
+    assert any(not torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
+
+
+def test_resume_is_equivalent_to_an_uninterrupted_run(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    run("train.py", *TINY, "--out", a, "--steps", "4", "--what", "ddpm", "--eval-samples", "0")
+    run("train.py", *TINY, "--out", b, "--steps", "2", "--what", "ddpm", "--eval-samples", "0")
+    run("train.py", *TINY, "--out", b, "--steps", "4", "--what", "ddpm", "--eval-samples", "0", "--resume")
+    sa, sb = (torch.load(p / "ddpm.pt", weights_only=True) for p in (a, b))
+    for k in sa["model"]:
+        torch.testing.assert_close(sa["model"][k], sb["model"][k], rtol=1e-5, atol=1e-6)
+
+
+def test_guided_sampling_writes_samples_and_report(tiny_run):
+    run("sample.py", "--run", tiny_run, "--lambdas", "30,30", "--num-samples", "6", "--batch-size", "4",
+        "--steps", "4")
+    out = tiny_run / "samples" / "classifier30-30_steps4_n6_seed0"
+    data = np.load(out / "samples.npz")
+    assert data["images"].shape == (6, 16, 16, 3) and data["images"].dtype == np.uint8
+    report = json.loads((out / "report.json").read_text())
+    assert 0 <= report["accuracy_middle"] <= 1 and report["num_samples"] == 6
+    for name in ("grid.png", "report.md", "histogram_x.png", "heatmaps.png"):
+        assert (out / name).exists(), name
+
+
+def test_same_seed_same_samples_and_new_folder_each_run(tiny_run):
+    args = ("--run", tiny_run, "--num-samples", "3", "--steps", "3", "--name", "det")
+    run("sample.py", *args)
+    run("sample.py", *args)
+    a = np.load(tiny_run / "samples" / "det" / "samples.npz")["images"]
+    b = np.load(tiny_run / "samples" / "det-2" / "samples.npz")["images"]
+    assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--lambdas", "30"], "--lambdas"),
+    (["--lambdas", "abc"], "--lambdas"),
+    (["--lambdas", "30,,30"], "--lambdas"),
+    (["--lambdas", "nan,30"], "--lambdas"),
+    (["--classifier", "nosuch", "--lambdas", "30,30"], "no checkpoint"),
+    (["--steps", "0"], "--steps"),
+])
+def test_sample_bad_input_is_one_line_exit_2(tiny_run, args, message):
+    proc = run("sample.py", "--run", tiny_run, "--num-samples", "2", *args, ok=False)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def test_sample_missing_or_corrupt_run(tmp_path, tiny_run):
+    proc = run("sample.py", "--run", tmp_path / "nope", ok=False)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    proc = run("sample.py", "--run", bad, ok=False)
+    assert proc.returncode == 2 and "no checkpoint" in proc.stderr
+    (bad / "ddpm.pt").write_bytes((tiny_run / "ddpm.pt").read_bytes()[:5000])   # truncated
+    proc = run("sample.py", "--run", bad, ok=False)
+    assert proc.returncode == 2 and "not a readable checkpoint" in proc.stderr
+    assert not (bad / "samples").exists()
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_checkpoint_with_code_is_refused(tmp_path):
+    bad = tmp_path / "evil"
+    bad.mkdir()
+    torch.save({"config": {}, "model": Evil()}, bad / "ddpm.pt")
+    proc = run("sample.py", "--run", bad, ok=False)
+    assert proc.returncode == 2 and "refused" in proc.stderr and "pwned" not in proc.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--data", "nosuch"], "--data"),
+    (["--data", "folder"], "--data-dir"),
+    (["--data", "folder", "--data-dir", "/nonexistent"], "does not exist"),
+    (["--image-size", "18"], "not divisible"),
+    (["--batch-size", "0"], "--batch-size"),
+])
+def test_train_bad_input_is_one_line_exit_2(tmp_path, args, message):
+    proc = run("train.py", "--out", tmp_path / "x", "--steps", "1", *args, ok=False)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_train_refuses_to_overwrite_without_resume(tiny_run):
+    proc = run("train.py", *TINY, "--out", tiny_run, "--steps", "6", ok=False)
+    assert proc.returncode == 2 and "--resume" in proc.stderr

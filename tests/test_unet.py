@@ -1,0 +1,58 @@
+"""unet.py and the classifier trunk: parameter counts of the official models, shapes, init, precision."""
+import pytest
+import torch
+
+from classifier import ClassifierConfig
+from unet import UNetConfig, autocast, count_parameters
+
+
+def test_paper_unet_has_the_official_parameter_count():
+    assert count_parameters(UNetConfig().build()) == 121_063_942        # EXPERIMENTS.md §2.1
+
+
+@pytest.mark.parametrize("width,attn,count", [(128, (32, 16, 8), 41_287_016), (64, (8,), 10_043_816)])
+def test_classifier_trunk_has_the_official_parameter_count(width, attn, count):
+    cfg = ClassifierConfig(model_channels=width, attention_resolutions=attn, num_classes=1000)  # §3.1
+    assert count_parameters(cfg.build()) == count
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(image_size=16, model_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,)),
+    dict(image_size=32, model_channels=16, channel_mult=(1, 2, 2), num_res_blocks=2, attention_resolutions=(16, 8)),
+    dict(image_size=32, model_channels=16, channel_mult=(1, 2, 2), resblock_updown=True, out_channels=3,
+         use_scale_shift_norm=False, num_head_channels=8),
+    dict(image_size=16, in_channels=1, out_channels=2, model_channels=8, channel_mult=(1, 1, 2), num_classes=3),
+])
+def test_unet_output_shapes(cfg):
+    model = UNetConfig(**{**dict(num_res_blocks=1), **cfg}).build()
+    c = cfg.get("in_channels", 3)
+    x = torch.randn(2, c, cfg["image_size"], cfg["image_size"])
+    y = torch.tensor([0, 2]) if cfg.get("num_classes") else None
+    out = model(x, torch.tensor([0, 3999]), y=y)
+    assert out.shape == (2, cfg.get("out_channels", 6), cfg["image_size"], cfg["image_size"])
+    assert out.dtype == torch.float32
+
+
+def test_output_layer_is_zero_initialised():
+    model = UNetConfig(image_size=16, model_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                       attention_resolutions=(8,)).build()
+    assert model(torch.randn(2, 3, 16, 16), torch.tensor([1, 2])).abs().max() == 0
+
+
+def test_image_size_must_divide_by_downsampling():
+    with pytest.raises(ValueError, match="not divisible"):
+        UNetConfig(image_size=30, channel_mult=(1, 2, 2)).build()
+
+
+def test_autocast_path_is_close_to_float32():
+    torch.manual_seed(0)
+    model = UNetConfig(image_size=16, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                       attention_resolutions=(8,)).build()
+    for p in model.parameters():  # undo the zero init so the output is not trivially 0
+        torch.nn.init.normal_(p, std=0.05)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 300])
+    ref = model(x, t)
+    with autocast("cpu", True):
+        low = model(x, t)
+    assert low.dtype == torch.float32
+    assert (low - ref).abs().max() / ref.abs().max() < 0.05
