@@ -159,7 +159,7 @@ def main(argv=None):
                 raise ValueError(f"classifier {path} was trained on another diffusion chain than {run}/ddpm.pt")
             classifiers.append(clf)
             lambdas.append(parse_lambdas(text, ccfg["classifier"]["num_classes"]))
-        steps = args.steps or config["sample_steps"]
+        steps = config["sample_steps"] if args.steps is None else args.steps
         if not 1 <= steps <= diffusion.num_steps:
             raise ValueError(f"--steps must be in 1..{diffusion.num_steps}, got {steps}")
         circles = config["data"]["name"] == "circles"
