@@ -137,3 +137,18 @@ def test_train_bad_input_is_one_line_exit_2(tmp_path, args, message):
 def test_train_refuses_to_overwrite_without_resume(tiny_run):
     proc = run("train.py", *TINY, "--out", tiny_run, "--steps", "6", ok=False)
     assert proc.returncode == 2 and "--resume" in proc.stderr
+
+
+def test_repeat_over_seeds_writes_mean_and_std(tiny_run, tmp_path):
+    import shutil
+    run_dir = tmp_path / "rep"
+    shutil.copytree(tiny_run, run_dir)
+    run("repeat.py", "--run", run_dir, "--seeds", "2", "--num-samples", "2",
+        "--train-args=--classifier-steps 2 --classifier-width 8", "--sample-args=--steps 2")
+    summary = json.loads((run_dir / "repeats.json").read_text())
+    assert set(summary) == {"unguided", "plain", "sn"}
+    assert summary["plain"]["runs"] == 2 and summary["sn"]["runs"] == 2
+    assert 0 <= summary["plain"]["accuracy_mean"] <= 1 and summary["plain"]["accuracy_std"] >= 0
+    for variant, seed in (("plain", 1), ("plain", 2), ("sn", 1), ("sn", 2)):
+        assert (run_dir / f"{variant}_seed{seed}.pt").exists()
+    assert "mean ± std" in (run_dir / "repeats.md").read_text()
