@@ -16,7 +16,6 @@ normalised as soon as they become non-zero (the official power iteration got stu
 Temperature scaling [Guo et al. 2017]: one scalar T fitted on held-out logits by minimising the NLL, stored
 in the model as a buffer, reported with the 15-bin ECE before and after.
 """
-import math
 from dataclasses import dataclass, asdict
 
 import torch

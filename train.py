@@ -17,7 +17,6 @@ import argparse
 import copy
 import csv
 import json
-import math
 import sys
 import time
 from dataclasses import asdict

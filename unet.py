@@ -17,7 +17,7 @@ in classifier.py.
 """
 import contextlib
 import math
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, asdict
 
 import torch
 import torch.nn as nn
