@@ -164,12 +164,12 @@ class Diffusion:
     # ----- bookkeeping -----
     def _extract(self, arr, t, x):
         """arr[t] as float32, shaped to broadcast against x. t: int64 tensor of shape [N]."""
-        out = torch.from_numpy(arr).to(device=x.device)[t.to(x.device)].float()
+        out = torch.from_numpy(arr)[t.cpu()].to(device=x.device, dtype=torch.float32)  # move N values, not T
         return out.view(-1, *([1] * (x.ndim - 1)))
 
     def _call(self, fn, x, t, **kwargs):
         """Call a network (or cond_fn) with the original timesteps of this (maybe respaced) chain."""
-        t_orig = torch.from_numpy(self.timestep_map).to(t.device)[t]
+        t_orig = torch.from_numpy(self.timestep_map)[t.cpu()].to(t.device)
         return fn(x, t_orig, **kwargs)
 
     def respace(self, spec):

@@ -155,6 +155,8 @@ def build_config(args):
     if args.classifier_width:
         clf["model_channels"] = args.classifier_width
     clf_cfg = ClassifierConfig(**clf, spectral_norm=args.spectral_norm, lipschitz=args.lipschitz)
+    if not args.lipschitz > 0:
+        raise DataError(f"--lipschitz must be a positive number, got {args.lipschitz}")
     for net, mult in (("U-Net", unet_cfg.channel_mult), ("classifier", clf_cfg.channel_mult)):
         if image_size % 2 ** (len(mult) - 1):
             raise DataError(f"--image-size {image_size} is not divisible by {2 ** (len(mult) - 1)}, the total "
