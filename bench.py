@@ -1,4 +1,4 @@
-"""Benchmark: ms per DDPM training step and per guided sampling step, fp32 vs AMP vs channels_last.
+"""Benchmark: ms per DDPM training step and per guided sampling step, fp32 / AMP / channels_last / compile.
 
   python bench.py                       # CPU preset (batch 64) and the paper's 121M U-Net (batch 2)
   python bench.py --device cuda --paper-batch 64
@@ -6,8 +6,12 @@
 A training step is forward + backward + AdamW + EMA update of the U-Net on L_hybrid; a guided sampling
 step is one U-Net forward plus one classifier forward+backward (multi-guidance, λ = 30, 30), exactly what
 sample.py runs per respaced step. Timing: warm-up, then the median of --repeats runs. GFLOP/s counts the
-convolutions and matmuls with torch.utils.flop_counter (what the hardware must at least do).
+convolutions and matmuls with torch.utils.flop_counter (what the hardware must at least do), compared with
+the machine's fp32 peak (cores × FLOP/cycle × clock: 32 FLOP/cycle with AVX2+FMA, 64 with AVX-512). "compile"
+wraps the U-Net and classifier in torch.compile (its one-off compile time is printed). Peak memory: CUDA's
+max allocated, or on CPU the process's maximum resident set so far (monotone across rows).
 """
+import resource
 import argparse
 import copy
 import statistics
@@ -43,12 +47,29 @@ def count_flops(fn):
     return counter.get_total_flops()
 
 
+def cpu_peak_gflops():
+    """Estimated fp32 peak of the cores torch uses: threads × FLOP/cycle × clock (from /proc/cpuinfo)."""
+    try:
+        info = open("/proc/cpuinfo").read()
+        mhz = max(float(l.split(":")[1]) for l in info.splitlines() if l.startswith("cpu MHz"))
+    except (OSError, ValueError):
+        return float("nan")
+    per_cycle = 64 if "avx512f" in info else 32 if "fma" in info else 16
+    return torch.get_num_threads() * per_cycle * mhz / 1e3
+
+
+def peak_memory_gib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20      # kB -> GiB
+
+
 def bench_config(name, unet_cfg, clf_cfg, batch, modes, repeats, device):
     diffusion = DiffusionConfig().build()
     sampler = diffusion.respace(64)
     rows = []
     for mode in modes:
-        amp, channels_last = mode == "amp", mode == "channels_last"
+        amp, channels_last, compiled = mode == "amp", mode == "channels_last", mode == "compile"
         torch.manual_seed(0)
         model = unet_cfg.build().to(device)
         clf = clf_cfg.build().to(device).eval()
@@ -61,22 +82,25 @@ def bench_config(name, unet_cfg, clf_cfg, batch, modes, repeats, device):
         t = torch.randint(0, diffusion.num_steps, (batch,), device=device)
         scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
         params, ema_params = list(model.parameters()), list(ema.parameters())
+        train_model, ema_net, clf_net = model, ema, clf
+        if compiled:
+            train_model, ema_net, clf_net = torch.compile(model), torch.compile(ema), torch.compile(clf)
 
         def train_step():
             with autocast(device, amp):
-                loss = diffusion.training_losses(model, x, t)["loss"].mean()
+                loss = diffusion.training_losses(train_model, x, t)["loss"].mean()
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
             torch._foreach_lerp_(ema_params, params, 1e-4)
 
-        cond_fn = multi_guidance([clf], [[30.0, 30.0]])
+        cond_fn = multi_guidance([clf_net], [[30.0, 30.0]])
         ts = torch.full((batch,), 32, dtype=torch.long, device=device)
 
         def net(xx, tt):
             with autocast(device, amp):
-                return ema(xx, tt)
+                return ema_net(xx, tt)
 
         def sample_step(guided=True):
             with torch.no_grad():
@@ -84,25 +108,33 @@ def bench_config(name, unet_cfg, clf_cfg, batch, modes, repeats, device):
 
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        if compiled:
+            t0 = time.perf_counter()
+            train_step(), sample_step(), sample_step(False)
+            print(f"  compile: {time.perf_counter() - t0:.0f} s of one-off compilation", flush=True)
         train_s = timed(train_step, repeats, device)
-        peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
         guided_s = timed(sample_step, repeats, device)
         unguided_s = timed(lambda: sample_step(False), repeats, device)
-        flops = count_flops(train_step)
+        peak = peak_memory_gib(device)
+        flops = count_flops(lambda: diffusion.training_losses(model, x, t)["loss"].mean().backward())  # eager:
+        opt.zero_grad(set_to_none=True)                                   # the same work in every mode
         rows.append(dict(config=name, params=f"{count_parameters(model) / 1e6:.2f}M", mode=mode, batch=batch,
                          train_ms=1e3 * train_s, train_img_s=batch / train_s, gflops=flops / train_s / 1e9,
-                         guided_ms=1e3 * guided_s, unguided_ms=1e3 * unguided_s, peak_gib=peak))
+                         guided_ms=1e3 * guided_s, unguided_ms=1e3 * unguided_s, peak_gib=peak,
+                         peak=cpu_peak_gflops() if device.type == "cpu" else float("nan")))
         print(format_row(rows[-1]), flush=True)
     return rows
 
 
-HEADER = ("| config | params | mode | batch | train ms/step | train img/s | train GFLOP/s | guided sample ms/step "
-          "| unguided sample ms/step | peak GiB |\n|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| config | params | mode | batch | train ms/step | train img/s | train GFLOP/s (% of peak) "
+          "| guided sample ms/step | unguided sample ms/step | guided / unguided | peak mem GiB |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def format_row(r):
     return (f"| {r['config']} | {r['params']} | {r['mode']} | {r['batch']} | {r['train_ms']:.0f} | "
-            f"{r['train_img_s']:.1f} | {r['gflops']:.1f} | {r['guided_ms']:.0f} | {r['unguided_ms']:.0f} | "
+            f"{r['train_img_s']:.1f} | {r['gflops']:.1f} ({100 * r['gflops'] / r['peak']:.0f}%) | "
+            f"{r['guided_ms']:.0f} | {r['unguided_ms']:.0f} | {r['guided_ms'] / r['unguided_ms']:.2f} | "
             f"{r['peak_gib']:.2f} |")
 
 
@@ -112,13 +144,14 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--cpu-batch", type=int, default=64, help="batch of the CPU-preset rows")
     p.add_argument("--paper-batch", type=int, default=2, help="batch of the paper-config rows")
-    p.add_argument("--modes", default="fp32,amp,channels_last")
+    p.add_argument("--modes", default="fp32,amp,channels_last,compile",
+                   help="comma-separated: fp32, amp, channels_last, compile")
     p.add_argument("--skip-paper", action="store_true")
     args = p.parse_args()
     device = torch.device(args.device)
     modes = args.modes.split(",")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, "
-          f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()}, est. fp32 peak {cpu_peak_gflops():.0f} GFLOP/s")
     print(HEADER)
     cpu = PRESETS["cpu"]
     bench_config("cpu preset 32px", UNetConfig(image_size=32, **cpu["unet"]),

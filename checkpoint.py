@@ -64,9 +64,19 @@ def _tuples(d):
     return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
 
+def backbone_config(config):
+    """The denoiser's constructor arguments: config["unet"], or config["dit"] for `--arch dit`."""
+    return config[config.get("arch", "unet")]
+
+
 def build_ddpm(config):
-    """(U-Net, Diffusion) from a DDPM config dict."""
-    return UNetConfig(**_tuples(config["unet"])).build(), DiffusionConfig(**config["diffusion"]).build()
+    """(denoiser network, Diffusion) from a DDPM config dict (arch "unet" by default, or "dit")."""
+    if config.get("arch", "unet") == "dit":
+        from dit import DiTConfig
+        net = DiTConfig(**config["dit"]).build()
+    else:
+        net = UNetConfig(**_tuples(config["unet"])).build()
+    return net, DiffusionConfig(**config["diffusion"]).build()
 
 
 def build_classifier(config):
@@ -89,5 +99,16 @@ def load_classifier(path, device="cpu"):
     if ckpt.get("kind") != "classifier":
         raise CheckpointError(f"{path} is a {ckpt.get('kind')} checkpoint, not a classifier")
     model = build_classifier(ckpt["config"])
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt["config"]
+
+
+def load_evaluator(path, device="cpu"):
+    """(evaluation classifier in eval mode with its temperature, config) from an evaluator checkpoint."""
+    from classifier import EvalConfig
+    ckpt = load(path)
+    if ckpt.get("kind") != "evaluator":
+        raise CheckpointError(f"{path} is a {ckpt.get('kind')} checkpoint, not an evaluation classifier")
+    model = EvalConfig(**ckpt["config"]["evaluator"]).build()
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt["config"]

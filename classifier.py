@@ -47,6 +47,18 @@ class AttentionPool2d(nn.Module):
         return self.c_proj(h.transpose(1, 2).reshape(b, c))
 
 
+class MeanPool(nn.Module):
+    """ADM's "adaptive" head: global average over positions, then a linear map to K logits. Position
+    enters only through the borders' zero padding, so the logit varies smoothly with an object's place."""
+
+    def __init__(self, embed_dim, output_dim):
+        super().__init__()
+        self.proj = nn.Linear(embed_dim, output_dim)
+
+    def forward(self, x):
+        return self.proj(x.mean(dim=(2, 3)))
+
+
 @dataclass
 class ClassifierConfig:
     """Constructor arguments of the noisy classifier; saved next to every checkpoint."""
@@ -64,6 +76,7 @@ class ClassifierConfig:
     spectral_norm: bool = False
     lipschitz: float = 0.5                  # per-layer bound when spectral_norm (official training default)
     n_power_iterations: int = 2
+    pool: str = "attention"                 # "attention" (paper) | "adaptive" (ADM's global average pool)
 
     def build(self):
         kwargs = asdict(self)
@@ -84,36 +97,100 @@ class EncoderUNet(nn.Module):
 
     def __init__(self, image_size=64, in_channels=3, model_channels=128, num_res_blocks=2,
                  attention_resolutions=(32, 16, 8), channel_mult=(1, 2, 3, 4), num_head_channels=64,
-                 num_classes=2, use_scale_shift_norm=True, resblock_updown=True, dropout=0.0):
+                 num_classes=2, use_scale_shift_norm=True, resblock_updown=True, dropout=0.0, pool="attention"):
         super().__init__()
+        if pool not in ("attention", "adaptive"):
+            raise ValueError(f"classifier pool {pool!r} unknown; choose attention or adaptive")
         self.model_channels = model_channels
         self.time_embed = time_mlp(model_channels)
         self.input_blocks, self.middle_block, _, ch, res = build_encoder(
             image_size, in_channels, model_channels, num_res_blocks, attention_resolutions, channel_mult,
             1, num_head_channels, dropout, use_scale_shift_norm, resblock_updown)
         self.out_norm = normalization(ch)
-        self.pool = AttentionPool2d(res, ch, num_head_channels, num_classes)
+        self.pool = AttentionPool2d(res, ch, num_head_channels, num_classes) if pool == "attention" \
+            else MeanPool(ch, num_classes)
         self.register_buffer("temperature", torch.ones(()))
 
-    def forward(self, x, t):
-        """x: [N, C, H, W] noisy images x_t; t: [N] integer timesteps. Returns float32 logits / T."""
+    def trunk(self, x, t):
         emb = self.time_embed(timestep_embedding(t, self.model_channels))
         h = x
         for block in self.input_blocks:
             h = block(h, emb)
-        h = self.middle_block(h, emb)
-        return self.pool(F.silu(self.out_norm(h))).float() / self.temperature
+        return F.silu(self.out_norm(self.middle_block(h, emb)))
+
+    def forward(self, x, t):
+        """x: [N, C, H, W] noisy images x_t; t: [N] integer timesteps. Returns float32 logits / T."""
+        return self.pool(self.trunk(x, t)).float() / self.temperature
+
+    def features(self, x, t):
+        """Penultimate features: the trunk's output averaged over positions, [N, channels] (App. H, I)."""
+        return self.trunk(x, t).mean(dim=(2, 3)).float()
 
 
-def noisy_classifier_loss(classifier, diffusion, x0, y, generator=None):
+def noisy_classifier_loss(classifier, diffusion, x0, y, generator=None, t=None, noise=None):
     """Cross-entropy of p(y | x_t, t) with t ~ U{0..T-1} and x_t = q_sample(x_0, t) (EXPERIMENTS.md §3.2).
 
-    Returns (mean loss, logits) so that callers can log accuracy too.
+    t and noise are drawn from `generator` unless given. Returns (mean loss, logits) for logging accuracy.
     """
-    t = torch.randint(0, diffusion.num_steps, (x0.shape[0],), generator=generator).to(x0.device)
-    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+    if t is None:
+        t = torch.randint(0, diffusion.num_steps, (x0.shape[0],), generator=generator).to(x0.device)
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator).to(x0.device)
     logits = classifier(diffusion.q_sample(x0, t, noise), t)
     return F.cross_entropy(logits, y), logits
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation classifier (clean images; EXPERIMENTS.md §5.1)
+# ---------------------------------------------------------------------------------------------------
+
+class BasicBlock(nn.Module):
+    """Two 3×3 convolutions with GroupNorm and SiLU, a residual (1×1 strided projection when shapes change)."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), normalization(cout), nn.SiLU(),
+                                  nn.Conv2d(cout, cout, 3, 1, 1, bias=False), normalization(cout))
+        self.skip = nn.Identity() if stride == 1 and cin == cout else nn.Conv2d(cin, cout, 1, stride, bias=False)
+
+    def forward(self, x):
+        return F.silu(self.body(x) + self.skip(x))
+
+
+@dataclass
+class EvalConfig:
+    """A compact ResNet for clean images: the attribute proxy z of [ZSI] Sec. 5 (the paper used an
+    EfficientNetV2-S from torchvision, which this project does not depend on)."""
+    in_channels: int = 3
+    width: int = 32
+    stages: int = 4                          # resolution halves after the stem and each stage but the last
+    num_classes: int = 2
+    dropout: float = 0.2
+
+    def build(self):
+        return EvalNet(**asdict(self))
+
+
+class EvalNet(nn.Module):
+    def __init__(self, in_channels=3, width=32, stages=4, num_classes=2, dropout=0.2):
+        super().__init__()
+        chans = [width * 2 ** i for i in range(stages)]
+        layers = [nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), normalization(width), nn.SiLU()]
+        cin = width
+        for i, c in enumerate(chans):
+            layers.append(BasicBlock(cin, c, stride=1 if i == 0 else 2))
+            cin = c
+        self.trunk = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(cin, num_classes))
+        self.register_buffer("temperature", torch.ones(()))
+
+    def features(self, x, t=None):
+        """Penultimate features [N, channels] (t is ignored: clean images)."""
+        return self.trunk(x).mean(dim=(2, 3)).float()
+
+    def forward(self, x, t=None):
+        """Logits / T of clean images x in [-1, 1]."""
+        return self.head(self.features(x)) / self.temperature
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -7,6 +7,13 @@ x ∈ {2..11} ∪ {52..61}; with W = 32, x ∈ {2..5} ∪ {26..29}), y over the 
 the label is 1{x ≥ W/2} (right border). The "full range" variant covers every x and is the reference for
 the evaluation and the classifier heatmap. Everything is deterministic given the seed.
 
+CelebA ([ZSI] Sec. 5-6, EXPERIMENTS.md §0, §11): the standard release layout ROOT/img_align_celeba/*.jpg,
+ROOT/list_attr_celeba.txt (or the CSV variant list_attr_celeba.csv), ROOT/list_eval_partition.txt|csv;
+attribute values ±1 or 0/1. Images: centre crop 178×178, resize to 64 (bilinear, antialiased), as the
+paper. One attribute: label = attribute (Smiling: 1 = smiling). Two attributes (Sec. 6 / App. F): four
+classes 0 = a & b, 1 = a & not b, 2 = not a & b, 3 = not a & not b (the official 2d_smile_hair order for
+a = Smiling, b = Black_Hair). Subsets: an index file with one position in the train split per line.
+
 Image folders: PNG/JPEG files named `{label}_{k}.png` (the official loader's convention: classes are the
 string-sorted filename prefixes) or any names (one class). Pixels map to [-1, 1] as x = u8 / 127.5 - 1.
 """
@@ -60,6 +67,27 @@ def circles_dataset(image_size=32, radius=2, delta=0.2, full_range=False, seed=4
 
 
 # ---------------------------------------------------------------------------------------------------
+# Object sizes ([ZSI] App. K): one disc whose radius is the latent factor
+# ---------------------------------------------------------------------------------------------------
+
+def sizes_dataset(image_size=32, r_min=2, r_max=11, delta=0.2, full_range=False, seed=42):
+    """(images, labels = 1{large}, radii) of white discs on black at every centre in the central
+    (W - 2 r_max)² square; training support: the δ smallest and δ largest of the radii r_min..r_max."""
+    radii = np.arange(r_min, r_max + 1)
+    k = max(1, int(round(delta * len(radii))))
+    if not full_range:
+        radii = np.concatenate([radii[:k], radii[-k:]])
+    centres = np.arange(r_max, image_size - r_max)
+    if len(centres) == 0:
+        raise DataError(f"--image-size {image_size} is too small for discs of radius {r_max}")
+    rows = np.array([(r, x, y) for r in radii for x in centres for y in centres], dtype=np.int64)
+    rows = rows[np.random.default_rng(seed).permutation(len(rows))]
+    images = np.stack([render_circles(row[None, 1:], image_size, int(row[0]))[0] for row in rows])
+    labels = (rows[:, 0] > (r_min + r_max) / 2).astype(np.int64)
+    return images, labels, rows[:, 0]
+
+
+# ---------------------------------------------------------------------------------------------------
 # Image folders
 # ---------------------------------------------------------------------------------------------------
 
@@ -82,6 +110,143 @@ def load_image_folder(folder, image_size=None):
     if len({im.shape for im in images}) > 1:
         raise DataError(f"images in {folder} have different sizes; pass --image-size to resize them")
     return np.stack(images), np.array([classes.index(c) for c in prefixes], dtype=np.int64), classes
+
+
+# ---------------------------------------------------------------------------------------------------
+# CelebA
+# ---------------------------------------------------------------------------------------------------
+
+CELEBA_LAYOUT = ("ROOT/img_align_celeba/*.jpg, ROOT/list_attr_celeba.txt (or .csv), "
+                 "ROOT/list_eval_partition.txt (or .csv)")
+CELEBA_SPLITS = {"train": 0, "valid": 1, "test": 2}
+
+
+def _celeba_file(root, stem):
+    for suffix in (".txt", ".csv"):
+        if (root / (stem + suffix)).exists():
+            return root / (stem + suffix)
+    raise DataError(f"CelebA file {root / stem}.txt (or .csv) is missing; expected the layout {CELEBA_LAYOUT}")
+
+
+def _split_row(line, csv):
+    return [v.strip() for v in line.split(",")] if csv else line.split()
+
+
+def read_celeba_attributes(root):
+    """(filenames [N], attribute names [40], uint8 [N, 40] in {0, 1}) from list_attr_celeba.txt|csv.
+
+    txt: line 1 = count, line 2 = names, then `file v1 ... v40` with v = ±1; csv: header `image_id,names...`.
+    """
+    path = _celeba_file(Path(root), "list_attr_celeba")
+    lines = [l for l in path.read_text().splitlines() if l.strip()]
+    csv = path.suffix == ".csv"
+    try:
+        if csv:
+            names, rows = _split_row(lines[0], True)[1:], [_split_row(l, True) for l in lines[1:]]
+        else:
+            names, rows = lines[1].split(), [l.split() for l in lines[2:]]
+        files = [r[0] for r in rows]
+        values = np.array([[int(v) for v in r[1:]] for r in rows])
+    except (IndexError, ValueError):
+        raise DataError(f"{path} is malformed: expected a header of attribute names, then one line "
+                        f"`image.jpg v1 ... vK` per image with values ±1 or 0/1")
+    if values.ndim != 2 or values.shape[1] != len(names) or not np.isin(values, (-1, 0, 1)).all():
+        raise DataError(f"{path} is malformed: every row needs {len(names)} values in {{-1, 0, 1}}")
+    return files, names, (values > 0).astype(np.uint8)
+
+
+def read_celeba_partition(root):
+    """{filename: split} with split 0 = train, 1 = valid, 2 = test (list_eval_partition.txt|csv)."""
+    path = _celeba_file(Path(root), "list_eval_partition")
+    csv = path.suffix == ".csv"
+    lines = [l for l in path.read_text().splitlines() if l.strip()][1 if csv else 0:]
+    try:
+        return {r[0]: int(r[1]) for r in (_split_row(l, csv) for l in lines)}
+    except (IndexError, ValueError):
+        raise DataError(f"{path} is malformed: expected lines `image.jpg split` with split 0/1/2")
+
+
+def celeba_labels(values, names, attrs):
+    """(class labels, mask of usable rows) from attribute bits: one attribute -> its bit; two -> the 4-class
+    order of App. F. "A/B" (e.g. Black_Hair/Blond_Hair) is attribute A on the images with exactly one of A, B."""
+    parts = [a.split("/") for a in attrs]
+    missing = [n for p in parts for n in p if n not in names]
+    if missing or not 1 <= len(attrs) <= 2 or any(len(p) > 2 for p in parts):
+        raise DataError(f"--attr {','.join(attrs)}: give one or two CelebA attributes (or A/B pairs) of "
+                        f"{', '.join(names)}" if missing else f"--attr takes one or two attributes, got {attrs}")
+    mask = np.ones(len(values), dtype=bool)
+    bits = []
+    for p in parts:
+        a = values[:, names.index(p[0])].astype(np.int64)
+        if len(p) == 2:
+            mask &= a != values[:, names.index(p[1])]
+        bits.append(a)
+    labels = bits[0] if len(bits) == 1 else 2 * (1 - bits[0]) + (1 - bits[1])
+    return labels, mask
+
+
+def read_index_file(path):
+    """Positions (in the train split) listed one per line."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"index file {path} does not exist; expected one train-split position per line")
+    try:
+        return np.array([int(l) for l in path.read_text().split()], dtype=np.int64)
+    except ValueError:
+        raise DataError(f"index file {path} is malformed: expected one integer per line")
+
+
+def celeba_split(root, attrs, split="train", index_file=None):
+    """(image paths, labels int64, attribute bits uint8 [N, 40], attribute names, positions in the split) of
+    one split, restricted to an index file (positions in the split) and to the rows --attr can label."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"CelebA folder {root} does not exist; pass --data-dir ROOT with {CELEBA_LAYOUT}")
+    images_dir = root / "img_align_celeba"
+    if not images_dir.is_dir():
+        raise DataError(f"{images_dir} is missing; expected the layout {CELEBA_LAYOUT}")
+    files, names, values = read_celeba_attributes(root)
+    partition = read_celeba_partition(root)
+    unknown = [f for f in files if f not in partition]
+    if unknown:
+        raise DataError(f"{unknown[0]} is in list_attr_celeba but not in list_eval_partition; the files disagree")
+    keep = np.array([partition[f] == CELEBA_SPLITS[split] for f in files])
+    files, values = [f for f, k in zip(files, keep) if k], values[keep]
+    positions = np.arange(len(files))
+    if index_file is not None:
+        positions = read_index_file(index_file)
+        if len(positions) and (positions.min() < 0 or positions.max() >= len(files)):
+            raise DataError(f"index file {index_file} has positions outside the {split} split (0..{len(files) - 1})")
+    labels, usable = celeba_labels(values[positions], names, attrs)
+    positions, labels = positions[usable], labels[usable]
+    return [images_dir / files[i] for i in positions], labels, values[positions], names, positions
+
+
+def load_images(paths, image_size):
+    """uint8 [N, S, S, 3]: centre crop + resize of each file (CelebA: 178×178 -> S)."""
+    out = np.empty((len(paths), image_size, image_size, 3), dtype=np.uint8)
+    for i, p in enumerate(paths):
+        try:
+            with Image.open(p) as img:
+                out[i] = np.asarray(center_crop_resize(img.convert("RGB"), image_size))
+        except (OSError, ValueError) as e:
+            raise DataError(f"cannot read image {p}: {e}")
+    return out
+
+
+def oversample(images, labels, spec):
+    """Repeat the examples of some classes: spec "0:2" doubles class 0 (the Young experiment, Sec. 5.4)."""
+    if not spec:
+        return images, labels
+    try:
+        factors = {int(c): int(f) for c, f in (item.split(":") for item in spec.split(","))}
+    except ValueError:
+        raise DataError(f"--oversample {spec!r} is not of the form CLASS:FACTOR[,CLASS:FACTOR], e.g. 0:2")
+    if any(f < 1 for f in factors.values()):
+        raise DataError(f"--oversample {spec!r}: factors must be integers >= 1")
+    idx = np.concatenate([np.repeat(np.flatnonzero(labels == c), factors.get(int(c), 1)) for c in np.unique(labels)])
+    idx.sort()
+    return images[idx], labels[idx]
 
 
 def center_crop_resize(img, size):

@@ -1,9 +1,11 @@
 """Evaluation: circle detection and accuracy, histogram divergences to uniform, and the pictures.
 
 Circles ([ZSI] Sec. 5.5; EXPERIMENTS.md §10): each sample is thresholded (grey > 127) and split into
-8-connected components with OpenCV; a component's centre is its centroid (first image moments). A sample is
-valid when it holds exactly one blob. "Accuracy" is the fraction of *all* samples with exactly one blob whose
-centre x/W lies in the unseen middle [0.2, 0.8]; the fraction with 0 or ≥2 blobs is reported beside it.
+8-connected components with OpenCV; a component's centre is its centroid (first image moments). Components
+smaller than `min_area` pixels (default 5, a quarter of the 21-pixel radius-2 disc) are sampling grain, not
+circles, and are ignored; the counts with every component ("any size") are reported too. A sample is
+valid when it holds exactly one circle. "Accuracy" is the fraction of *all* samples with exactly one circle
+whose centre x/W lies in the unseen middle [0.2, 0.8]; the fraction with 0 or ≥2 circles is reported beside it.
 
 Divergence of a histogram to uniform ([ZSI] Sec. 5, App. B; EXPERIMENTS.md §5.3), 100 bins, h normalised
 to sum 1: KLD = Σ h_i ln(h_i · 100) with 0 ln 0 = 0 (nats), and the paper's "MSE" = sqrt(Σ (h_i - 1/100)²),
@@ -23,27 +25,40 @@ import torch
 # Circles
 # ---------------------------------------------------------------------------------------------------
 
-def detect_circles(images, threshold=127):
-    """Per image: (number of blobs, centres [k, 2] as (x, y) floats). images: uint8 [N, H, W, 3] or [N, H, W]."""
+MIN_AREA = 5
+
+
+def detect_circles(images, threshold=127, min_area=MIN_AREA):
+    """Per image: (number of blobs of >= min_area pixels, their centres [k, 2] as (x, y) floats, their areas).
+
+    images: uint8 [N, H, W, 3] or [N, H, W].
+    """
     out = []
     for img in images:
         grey = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY) if img.ndim == 3 else img
         mask = (grey > threshold).astype(np.uint8)
-        n, _, _, centroids = cv2.connectedComponentsWithStats(mask, connectivity=8)
-        out.append((n - 1, centroids[1:]))                          # component 0 is the background
+        _, _, stats, centroids = cv2.connectedComponentsWithStats(mask, connectivity=8)
+        area = stats[1:, cv2.CC_STAT_AREA]                          # component 0 is the background
+        keep = area >= min_area
+        out.append((int(keep.sum()), centroids[1:][keep], area[keep]))
     return out
 
 
-def circle_metrics(images, middle=(0.2, 0.8)):
-    """accuracy (one blob, centre x/W in `middle`), invalid fractions and the single-blob x/W values."""
+def circle_metrics(images, middle=(0.2, 0.8), min_area=MIN_AREA):
+    """accuracy (one circle, centre x/W in `middle`), invalid fractions and the single-circle x/W values,
+    plus the same two numbers counting blobs of any size (`*_any_size`)."""
     w = images.shape[2]
-    found = detect_circles(images)
-    counts = np.array([n for n, _ in found])
-    x = np.array([c[0, 0] / w for n, c in found if n == 1])
-    in_middle = ((x >= middle[0]) & (x <= middle[1])).sum()
-    return dict(n=len(images), accuracy=float(in_middle / len(images)),
-                zero_circles=float((counts == 0).mean()), multi_circles=float((counts >= 2).mean()),
-                invalid=float((counts != 1).mean()), x=x)
+
+    def summary(found):
+        counts = np.array([n for n, _, _ in found])
+        x = np.array([c[0, 0] / w for n, c, _ in found if n == 1])
+        return counts, x, float(((x >= middle[0]) & (x <= middle[1])).sum() / len(images))
+
+    counts, x, accuracy = summary(detect_circles(images, min_area=min_area))
+    counts_any, _, accuracy_any = summary(detect_circles(images, min_area=1))
+    return dict(n=len(images), accuracy=accuracy, zero_circles=float((counts == 0).mean()),
+                multi_circles=float((counts >= 2).mean()), invalid=float((counts != 1).mean()), x=x,
+                accuracy_any_size=accuracy_any, invalid_any_size=float((counts_any != 1).mean()))
 
 
 def classifier_heatmap(classifier, image_size, radius=2, t=0, device="cpu", batch_size=256, target=1):
@@ -58,6 +73,18 @@ def classifier_heatmap(classifier, image_size, radius=2, t=0, device="cpu", batc
             tt = torch.full((len(x),), t, dtype=torch.long, device=device)
             probs.append(torch.softmax(classifier(x, tt), dim=-1)[:, target].cpu())
     return torch.cat(probs).numpy().reshape(len(coords), len(coords)), coords
+
+
+def size_metrics(images, r_min, r_max, middle=(0.2, 0.8)):
+    """Object sizes (App. K): radius r̂ = sqrt(area / π) - 0.5 of each single-blob sample (PIL's inclusive
+    bounding box draws a disc of radius r + 1/2 pixels; the test fits this on every drawn radius), normalised
+    z = (r̂ - r_min) / (r_max - r_min); accuracy = fraction of all samples with one blob and z in `middle`."""
+    found = detect_circles(images)
+    r = np.array([np.sqrt(a[0] / np.pi) - 0.5 for n, _, a in found if n == 1])
+    z = (r - r_min) / (r_max - r_min)
+    counts = np.array([n for n, _, _ in found])
+    return dict(n=len(images), accuracy=float(((z >= middle[0]) & (z <= middle[1])).sum() / len(images)),
+                invalid=float((counts != 1).mean()), radius=r, z=z)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -87,6 +114,99 @@ def uniformity_report(values, bins=100):
     kld_p, l2_p = divergence_to_uniform(histogram(values, bins, paper_exact=True))
     kld_c, l2_c = divergence_to_uniform(histogram(values, bins, paper_exact=False))
     return dict(kld_paper=kld_p, mse_paper=l2_p, kld_01=kld_c, l2_01=l2_c)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sample quality (App. I): FID, precision / recall; memorisation (App. H): nearest training images
+# ---------------------------------------------------------------------------------------------------
+
+def _sqrt_psd(m):
+    w, v = np.linalg.eigh((m + m.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """||μ1 - μ2||² + Tr(Σ1 + Σ2 - 2 (Σ1^½ Σ2 Σ1^½)^½), the Fréchet distance of two Gaussians [FID]."""
+    s1 = _sqrt_psd(np.asarray(sigma1, np.float64))
+    cross = np.linalg.eigvalsh(s1 @ np.asarray(sigma2, np.float64) @ s1)
+    diff = np.asarray(mu1, np.float64) - np.asarray(mu2, np.float64)
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.sqrt(np.clip(cross, 0, None)).sum())
+
+
+def fid(features_a, features_b):
+    """FID between two feature sets [N, D] (any extractor: Inception when supplied, else the classifier's)."""
+    stats = [(f.mean(0), np.cov(f, rowvar=False)) for f in (np.asarray(features_a, np.float64),
+                                                             np.asarray(features_b, np.float64))]
+    return frechet_distance(*stats[0], *stats[1])
+
+
+def _pairwise_sq(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.maximum((a * a).sum(1)[:, None] + (b * b).sum(1)[None] - 2 * a @ b.T, 0)
+
+
+def precision_recall(real, fake, k=3):
+    """Improved precision / recall [Kynkäänniemi et al. 2019]: precision = fraction of fake features inside
+    some real feature's k-NN ball, recall = fraction of real features inside some fake feature's ball."""
+    def coverage(ref, query):
+        d_ref = _pairwise_sq(ref, ref)
+        radii = np.sort(d_ref, axis=1)[:, k]                 # column 0 is the point itself
+        return float((_pairwise_sq(query, ref) <= radii[None]).any(1).mean())
+    return coverage(real, fake), coverage(fake, real)
+
+
+def cosine_nearest(queries, references, exclude_self=False):
+    """(index, cosine distance) of each query's nearest reference (App. H memorisation check)."""
+    q = np.asarray(queries, np.float64)
+    r = np.asarray(references, np.float64)
+    q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+    r = r / np.maximum(np.linalg.norm(r, axis=1, keepdims=True), 1e-12)
+    dist = 1 - q @ r.T
+    if exclude_self:
+        np.fill_diagonal(dist, np.inf)
+    idx = dist.argmin(1)
+    return idx, dist[np.arange(len(q)), idx]
+
+
+def plot_nearest(samples, train_images, idx, dist, train_dist, path, n=16):
+    """Closest sample/training pairs (top row samples, bottom row their nearest training images) and the
+    distribution of sample->train vs train->train nearest-neighbour distances."""
+    from data import make_grid
+    plt = _pyplot()
+    order = np.argsort(dist)[:n]
+    pairs = np.concatenate([samples[order], train_images[idx[order]]])
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.6), gridspec_kw=dict(width_ratios=[1.6, 1]))
+    axes[0].imshow(make_grid(pairs, nrow=len(order)), interpolation="nearest")
+    axes[0].set_title("closest samples (top) and their nearest training images (bottom)", fontsize=9)
+    axes[0].axis("off")
+    span = (0, max(dist.max(), train_dist.max()) * 1.05 + 1e-9)
+    axes[1].hist(train_dist, bins=40, range=span, alpha=0.5, density=True, label="train -> nearest other train")
+    axes[1].hist(dist, bins=40, range=span, alpha=0.5, density=True, label="sample -> nearest train")
+    axes[1].set_xlabel("cosine distance")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def quality_report(samples, train_images, reference_images, extractors, out):
+    """FID / precision / recall of the samples against `reference_images` and the memorisation check against
+    `train_images`, in every feature space of `extractors` ({name: uint8 images -> [N, D] array}).
+
+    Writes nearest_<name>.png; returns a flat dict of numbers.
+    """
+    report = {}
+    for name, features in extractors.items():
+        f_samples, f_ref, f_train = features(samples), features(reference_images), features(train_images)
+        report[f"fid_{name}"] = fid(f_ref, f_samples)
+        report[f"precision_{name}"], report[f"recall_{name}"] = precision_recall(f_ref, f_samples)
+        idx, dist = cosine_nearest(f_samples, f_train)
+        _, train_dist = cosine_nearest(f_train, f_train, exclude_self=True)
+        report[f"nn_distance_median_{name}"] = float(np.median(dist))
+        report[f"train_nn_distance_median_{name}"] = float(np.median(train_dist))
+        report[f"nn_closer_than_any_train_pair_{name}"] = float((dist < train_dist.min()).mean())
+        plot_nearest(samples, train_images, idx, dist, train_dist, Path(out) / f"nearest_{name}.png")
+    return report
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -132,6 +252,30 @@ def plot_heatmaps(named_maps, coords, path, image_size):
         ax.set_xlabel("circle centre x / W")
         ax.set_ylabel("y (px)")
         fig.colorbar(im, ax=ax, label="p(right)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def log_count_heatmap(p_x, p_y, bins=20):
+    """[bins, bins] ln(count) (0 where empty) of the pairs (p_x, p_y) ∈ [0, 1]²; row = p_y bin, column = p_x
+    bin, bin = int(min(p, 1 - 1e-6) · bins) (App. F, Fig. 9)."""
+    ix = (np.minimum(np.asarray(p_x), 1 - 1e-6) * bins).astype(int)
+    iy = (np.minimum(np.asarray(p_y), 1 - 1e-6) * bins).astype(int)
+    counts = np.zeros((bins, bins))
+    np.add.at(counts, (iy, ix), 1)
+    return np.where(counts > 0, np.log(np.maximum(counts, 1)), 0.0)
+
+
+def plot_log_heatmaps(named_maps, path, xlabel, ylabel):
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(named_maps), figsize=(4.2 * len(named_maps), 3.8), squeeze=False)
+    for ax, (name, m) in zip(axes[0], named_maps.items()):
+        im = ax.imshow(m, origin="lower", extent=[0, 1, 0, 1], cmap="viridis")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        fig.colorbar(im, ax=ax, label="ln(count)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

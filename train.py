@@ -17,7 +17,10 @@ import argparse
 import copy
 import csv
 import json
+import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -27,8 +30,10 @@ import torch
 
 import checkpoint as ckpt_io
 from classifier import ClassifierConfig, default_channel_mult, noisy_classifier_loss
-from data import Batches, DataError, circles_dataset, load_image_folder, save_grid
+from data import (CELEBA_LAYOUT, Batches, DataError, celeba_split, circles_dataset, load_image_folder, load_images,
+                  oversample, save_grid, sizes_dataset)
 from ddpm import DiffusionConfig
+from dit import DiTConfig
 from unet import UNetConfig, amp_default, autocast, count_parameters
 
 # ---------------------------------------------------------------------------------------------------
@@ -43,6 +48,7 @@ PRESETS = {
         steps=1100, batch_size=64, lr=5e-4, ema=0.995,   # short run: larger lr, faster EMA
         clf=dict(model_channels=16, num_res_blocks=1, attention_resolutions=(8,), channel_mult=(1, 2, 2)),
         clf_steps=800, clf_batch_size=64, clf_lr=3e-4,
+        eval_steps=1000, eval_width=16,
         sample_steps=64),
     "paper": dict(
         image_size=64,
@@ -50,6 +56,7 @@ PRESETS = {
         steps=250_000, batch_size=64, lr=1e-4, ema=0.9999,
         clf=dict(model_channels=128, num_res_blocks=2, attention_resolutions=(32, 16, 8)),
         clf_steps=150_000, clf_batch_size=64, clf_lr=3e-4,
+        eval_steps=100_000, eval_width=64,
         sample_steps=250),
 }
 PAPER_CIRCLES = dict(steps=30_000, clf=dict(model_channels=64, num_res_blocks=2, attention_resolutions=(8,)),
@@ -64,10 +71,16 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("run")
-    g.add_argument("--data", default="circles", help="dataset: circles | folder (PNG/JPEG files {label}_{k}.png)")
-    g.add_argument("--data-dir", default=None, help="image folder for --data folder")
+    g.add_argument("--data", default="circles",
+                   help="dataset: circles | sizes (App. K: disc radius is the factor) | celeba (standard release layout) | folder (PNG/JPEG files {label}_{k}.png)")
+    g.add_argument("--data-dir", default=None, help="CelebA root or image folder")
+    g.add_argument("--attr", default="Smiling", help="celeba: one attribute, or two (a,b) for 4 classes (App. F)")
+    g.add_argument("--subset", default=None, help="celeba: index file, one train-split position per line")
+    g.add_argument("--oversample", default=None, help="repeat classes CLASS:FACTOR, e.g. 0:2 (Young experiment)")
     g.add_argument("--preset", choices=PRESETS, default="cpu", help="cpu: minutes on a laptop; paper: [ZSI] values")
-    g.add_argument("--what", choices=("all", "ddpm", "classifier"), default="all", help="what to train")
+    g.add_argument("--what", choices=("all", "ddpm", "classifier", "evaluator", "filter"), default="all",
+                   help="what to train: DDPM and/or guidance classifier; celeba also: the clean evaluation classifier "
+                        "(evaluator_<attr>.pt) or the extreme-subset filter of App. D (subset_<attr>_<size>.txt)")
     g.add_argument("--out", default=None, help="run folder (default runs/<data>)")
     g.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     g.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds checkpoints")
@@ -83,10 +96,19 @@ def parse_args(argv=None):
     g.add_argument("--data-seed", type=int, default=42, help="circles: shuffling seed (official: 42)")
     g = p.add_argument_group("DDPM")
     g.add_argument("--steps", type=int, default=None, help="optimizer steps (default: preset)")
-    g.add_argument("--batch-size", type=int, default=None, help="batch size (default: preset)")
+    g.add_argument("--batch-size", type=int, default=None, help="global batch size, split across torchrun processes (default: preset)")
     g.add_argument("--lr", type=float, default=None, help="AdamW learning rate, no weight decay")
     g.add_argument("--ema", type=float, default=None, help="EMA rate of the sampled weights")
     g.add_argument("--diffusion-steps", type=int, default=4000, help="T of the cosine chain")
+    g.add_argument("--arch", choices=("unet", "dit"), default="unet",
+                   help="denoiser: the paper's attention U-Net, or a diffusion transformer (App. J)")
+    g.add_argument("--dit-hidden", type=int, default=128, help="--arch dit: token width")
+    g.add_argument("--dit-depth", type=int, default=4, help="--arch dit: transformer blocks")
+    g.add_argument("--dit-patch", type=int, default=2, help="--arch dit: patch size")
+    g.add_argument("--dit-heads", type=int, default=4, help="--arch dit: attention heads")
+    g.add_argument("--cfg-dropout", type=float, default=0.0,
+                   help="> 0: class-conditional U-Net for classifier-free guidance (App. J); the label is replaced "
+                        "by the null label with this probability")
     g.add_argument("--vb-scale", type=float, default=1.0,
                    help="weight of L_t in L_hybrid: 1 = official configs, T/1000 = paper text's λ=0.001")
     g.add_argument("--model-channels", type=int, default=None, help="U-Net base width (default: preset)")
@@ -101,10 +123,21 @@ def parse_args(argv=None):
     g.add_argument("--classifier-batch-size", type=int, default=None, help="batch size (default: preset)")
     g.add_argument("--classifier-lr", type=float, default=None, help="AdamW learning rate")
     g.add_argument("--classifier-width", type=int, default=None, help="base width (default: preset)")
+    g.add_argument("--classifier-pool", choices=("attention", "adaptive"), default=None,
+                   help="head: attention pooling (paper) or global average pooling (default: preset)")
     g.add_argument("--spectral-norm", action="store_true", help="spectral normalisation of conv/linear weights")
     g.add_argument("--lipschitz", type=float, default=0.5, help="per-layer Lipschitz factor with --spectral-norm")
-    g.add_argument("--classifier-augment", choices=("none", "flip", "mirror"), default="none",
-                   help="none (official for circles); flip (h-flip, CelebA); mirror (h-flip and swap labels 0/1)")
+    g.add_argument("--classifier-augment", choices=("none", "flip", "mirror"), default=None,
+                   help="none (official for circles, the default there); flip (h-flip, the default for CelebA and "
+                        "folders); mirror (h-flip and swap labels 0/1)")
+    g = p.add_argument_group("evaluation classifier and extreme-subset filter (celeba, App. D)")
+    g.add_argument("--eval-steps", type=int, default=None, help="training steps of each clean classifier")
+    g.add_argument("--eval-width", type=int, default=None, help="base width of the clean classifier (ResNet)")
+    g.add_argument("--train-size", default="60000,30000,10000,5000",
+                   help="subset sizes to write (k = size/2 per side, nested)")
+    g.add_argument("--tau1", type=float, default=0.95, help="stage-1 confidence threshold")
+    g.add_argument("--tau2", type=float, default=0.9999, help="ensemble confidence threshold")
+    g.add_argument("--members", type=int, default=5, help="ensemble size")
     g = p.add_argument_group("logging")
     g.add_argument("--log-every", type=int, default=100, help="progress line every N steps")
     g.add_argument("--ckpt-every", type=int, default=500, help="checkpoint every N steps")
@@ -134,12 +167,20 @@ def build_config(args):
     image_size = args.image_size or preset["image_size"]
     if args.data == "circles":
         data = dict(name="circles", image_size=image_size, radius=args.radius, delta=args.delta, seed=args.data_seed)
+    elif args.data == "sizes":
+        data = dict(name="sizes", image_size=image_size, r_min=2, r_max=min(11, image_size // 2 - 2),
+                    delta=args.delta, seed=args.data_seed)
+    elif args.data == "celeba":
+        if not args.data_dir:
+            raise DataError(f"--data celeba needs --data-dir ROOT with {CELEBA_LAYOUT}")
+        data = dict(name="celeba", image_size=image_size, path=str(args.data_dir), attrs=args.attr.split(","),
+                    subset=args.subset, oversample=args.oversample, split="train")
     elif args.data == "folder":
         if not args.data_dir:
             raise DataError("--data folder needs --data-dir DIR with PNG/JPEG files named {label}_{k}.png")
         data = dict(name="folder", image_size=image_size, path=str(args.data_dir))
     else:
-        raise DataError(f"--data {args.data!r} is not a dataset; choose circles or folder")
+        raise DataError(f"--data {args.data!r} is not a dataset; choose circles, sizes, celeba or folder")
     unet = dict(preset["unet"], image_size=image_size)
     if args.model_channels:
         unet["model_channels"] = args.model_channels
@@ -154,6 +195,8 @@ def build_config(args):
         "channel_mult", default_channel_mult(image_size)))
     if args.classifier_width:
         clf["model_channels"] = args.classifier_width
+    if args.classifier_pool:
+        clf["pool"] = args.classifier_pool
     clf_cfg = ClassifierConfig(**clf, spectral_norm=args.spectral_norm, lipschitz=args.lipschitz)
     if not args.lipschitz > 0:
         raise DataError(f"--lipschitz must be a positive number, got {args.lipschitz}")
@@ -161,6 +204,8 @@ def build_config(args):
         if image_size % 2 ** (len(mult) - 1):
             raise DataError(f"--image-size {image_size} is not divisible by {2 ** (len(mult) - 1)}, the total "
                             f"downsampling of the {net} (channel_mult {tuple(mult)}); pick a multiple of it")
+    if not 0 <= args.cfg_dropout < 1:
+        raise DataError(f"--cfg-dropout must be in [0, 1), got {args.cfg_dropout}")
     for name, value in (("--steps", args.steps), ("--batch-size", args.batch_size),
                         ("--classifier-steps", args.classifier_steps),
                         ("--classifier-batch-size", args.classifier_batch_size)):
@@ -170,26 +215,38 @@ def build_config(args):
         data=data,
         diffusion=asdict(DiffusionConfig(num_steps=args.diffusion_steps, vb_scale=args.vb_scale)),
         unet=asdict(unet_cfg),
+        arch=args.arch,
+        **({"dit": asdict(DiTConfig(image_size=image_size, patch_size=args.dit_patch, hidden_size=args.dit_hidden,
+                                    depth=args.dit_depth, num_heads=args.dit_heads))} if args.arch == "dit" else {}),
         train=dict(steps=args.steps or preset["steps"], batch_size=args.batch_size or preset["batch_size"],
                    lr=args.lr or preset["lr"], ema=args.ema or preset["ema"], amp=args.amp, seed=args.seed,
+                   cfg_dropout=args.cfg_dropout,
                    flip=True, preset=args.preset),
         sample_steps=args.sample_steps or preset["sample_steps"],
         classifier=asdict(clf_cfg),
         classifier_train=dict(steps=args.classifier_steps or preset["clf_steps"],
                               batch_size=args.classifier_batch_size or preset["clf_batch_size"],
                               lr=args.classifier_lr or preset["clf_lr"], seed=args.seed,
-                              augment=args.classifier_augment),
+                              augment=args.classifier_augment or ("none" if args.data in ("circles", "sizes") else "flip")),
     )
 
 
 def load_data(data_cfg):
     """(uint8 images [N, H, W, 3], labels [N]) of the training set."""
+    if data_cfg["name"] == "sizes":
+        images, labels, _ = sizes_dataset(data_cfg["image_size"], data_cfg["r_min"], data_cfg["r_max"],
+                                          data_cfg["delta"], seed=data_cfg["seed"])
+        return images, labels
     if data_cfg["name"] == "circles":
         images, labels, _ = circles_dataset(data_cfg["image_size"], data_cfg["radius"], data_cfg["delta"],
                                             seed=data_cfg["seed"])
         return images, labels
+    if data_cfg["name"] == "celeba":
+        paths, labels, _, _, _ = celeba_split(data_cfg["path"], data_cfg["attrs"], data_cfg.get("split", "train"),
+                                           data_cfg.get("subset"))
+        return oversample(load_images(paths, data_cfg["image_size"]), labels, data_cfg.get("oversample"))
     images, labels, _ = load_image_folder(data_cfg["path"], data_cfg["image_size"])
-    return images, labels
+    return oversample(images, labels, data_cfg.get("oversample"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -202,13 +259,17 @@ def format_time(seconds):
 
 
 def fit(kind, model, loss_fn, batches, *, steps, lr, ema_rate, amp, device, path, config, resume,
-        log_every=100, ckpt_every=500, max_bad_steps=20, label=None):
+        log_every=100, ckpt_every=500, max_bad_steps=20, label=None, dist=(0, 1)):
     """AdamW (no weight decay) with optional EMA, autocast and GradScaler; checkpoints `path` atomically.
 
     loss_fn(model, x, y, generator) -> (mean loss, dict of floats to log). Returns (model, ema).
     Resumes model, EMA, optimizer, scaler, RNG and step from `path` when `resume` and it exists.
     kind ("ddpm" | "classifier") is stored in the checkpoint; label prefixes the progress lines.
+    dist = (rank, world) under torchrun: every rank draws the same global batch (and noise) and trains on
+    its slice through DistributedDataParallel, so N processes take the same steps as one process with the
+    same global --batch-size; rank 0 alone writes checkpoints and logs.
     """
+    rank, world = dist
     label = label or kind
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     ema = copy.deepcopy(model).requires_grad_(False) if ema_rate else None
@@ -226,27 +287,38 @@ def fit(kind, model, loss_fn, batches, *, steps, lr, ema_rate, amp, device, path
         batches.generator.set_state(state["rng"]["batches"])
         step = state["step"]
         print(f"[{label}] resumed from {path} at step {step}", flush=True)
-    elif log_path.exists():
+    elif log_path.exists() and rank == 0:
         log_path.unlink()
 
     def save():
+        if rank != 0:
+            return
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            print(f"[{label}] parameters are not finite at step {step}: kept the last good checkpoint {path}",
+                  flush=True)
+            return
         ckpt_io.save_atomic(dict(kind=kind, config=config, step=step, model=model.state_dict(),
                                  ema=ema.state_dict() if ema is not None else None, opt=opt.state_dict(),
                                  scaler=scaler.state_dict(),
                                  rng=dict(loss=gen.get_state(), batches=batches.generator.get_state())), path)
 
     ema_params = [p for p in ema.parameters()] if ema is not None else []
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    part = slice(rank * batches.batch_size // world, (rank + 1) * batches.batch_size // world)
     params = [p for p in model.parameters()]
     model.train()
     t0, step0, bad, logs = time.time(), step, 0, {}
-    log_file = open(log_path, "a", newline="")
+    log_file = open(log_path if rank == 0 else os.devnull, "a", newline="")
     writer = csv.writer(log_file)
     try:
         while step < steps:
             x, y = next(batches)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast(device, amp):
-                loss, logs = loss_fn(model, x, y, gen)
+                loss, logs = loss_fn(net, x, y, gen, part)
             if not torch.isfinite(loss):
                 bad += 1
                 if bad >= max_bad_steps:
@@ -279,64 +351,96 @@ def fit(kind, model, loss_fn, batches, *, steps, lr, ema_rate, amp, device, path
     finally:
         log_file.close()
     save()
+    if world > 1:
+        check_in_sync(model, label, world)
     return model, ema
+
+
+def check_in_sync(model, label, world):
+    """All ranks must hold identical parameters after training (DDP all-reduces gradients)."""
+    import torch.distributed as tdist
+    flat = torch.cat([p.detach().float().flatten() for p in model.parameters()])
+    lo, hi = flat.clone(), flat.clone()
+    tdist.all_reduce(lo, op=tdist.ReduceOp.MIN)
+    tdist.all_reduce(hi, op=tdist.ReduceOp.MAX)
+    if not torch.equal(lo, hi):
+        raise TrainingError(f"{label}: parameters differ across the {world} ranks after training")
+    print(f"[{label}] parameters identical on all {world} ranks", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------
 # DDPM and classifier
 # ---------------------------------------------------------------------------------------------------
 
-def ddpm_loss(diffusion):
-    def loss_fn(model, x, y, gen):
-        t = torch.randint(0, diffusion.num_steps, (x.shape[0],), generator=gen).to(x.device)
-        noise = torch.randn(x.shape, generator=gen).to(x.device)
-        losses = diffusion.training_losses(model, x, t, noise)
+def draw_t_noise(gen, x, num_steps, part):
+    """t ~ U{0..T-1} and ε for the global batch x (identical on every rank), then this rank's slice."""
+    t = torch.randint(0, num_steps, (x.shape[0],), generator=gen).to(x.device)
+    noise = torch.randn(x.shape, generator=gen).to(x.device)
+    return x[part], t[part], noise[part]
+
+
+def ddpm_loss(diffusion, num_classes=0, cfg_dropout=0.0):
+    """L_hybrid; with num_classes > 0 the U-Net sees the label, replaced by the null label `num_classes` with
+    probability cfg_dropout (classifier-free guidance training [CFG], [ZSI] App. J)."""
+    def loss_fn(model, x, y, gen, part=slice(None)):
+        x, t, noise = draw_t_noise(gen, x, diffusion.num_steps, part)
+        kwargs = {}
+        if num_classes:
+            drop = torch.rand(y.shape[0], generator=gen).to(y.device) < cfg_dropout
+            kwargs["y"] = torch.where(drop, torch.full_like(y, num_classes), y)[part]
+        losses = diffusion.training_losses(model, x, t, noise, model_kwargs=kwargs)
         return losses["loss"].mean(), dict(mse=float(losses["mse"].mean().detach()),
                                            vb=float(losses["vb"].mean().detach()))
     return loss_fn
 
 
 def classifier_loss(diffusion):
-    def loss_fn(model, x, y, gen):
-        loss, logits = noisy_classifier_loss(model, diffusion, x, y, generator=gen)
-        return loss, dict(acc=float((logits.argmax(1) == y).float().mean()))
+    def loss_fn(model, x, y, gen, part=slice(None)):
+        x, t, noise = draw_t_noise(gen, x, diffusion.num_steps, part)
+        loss, logits = noisy_classifier_loss(model, diffusion, x, y[part], t=t, noise=noise)
+        return loss, dict(acc=float((logits.argmax(1) == y[part]).float().mean()))
     return loss_fn
 
 
-def train_ddpm(config, out, args, device):
+def train_ddpm(config, out, args, device, data, dist=(0, 1)):
     from evaluate import circle_metrics, write_report
     from sample import generate
-    images, labels = load_data(config["data"])
-    save_grid(images[:64], out / "train_examples.png", nrow=8, scale=max(1, 128 // images.shape[1]))
+    images, labels = data
+    if dist[0] == 0:
+        save_grid(images[:64], out / "train_examples.png", nrow=8, scale=max(1, 128 // images.shape[1]))
     torch.manual_seed(config["train"]["seed"])          # the initialisation
     model, diffusion = ckpt_io.build_ddpm(config)
-    print(f"[ddpm] U-Net {count_parameters(model) / 1e6:.2f}M parameters, {len(images)} training images "
+    print(f"[ddpm] {config.get('arch', 'unet')} {count_parameters(model) / 1e6:.2f}M parameters, "
+          f"{len(images)} training images "
           f"{images.shape[1]}x{images.shape[2]}, T={diffusion.num_steps}, device {device}", flush=True)
     tc = config["train"]
     model = model.to(device)
     batches = Batches(images, labels, tc["batch_size"], flip=tc["flip"], seed=tc["seed"])
-    _, ema = fit("ddpm", model, ddpm_loss(diffusion), batches, steps=tc["steps"], lr=tc["lr"],
+    num_classes = max(ckpt_io.backbone_config(config)["num_classes"] - 1, 0)
+    _, ema = fit("ddpm", model, ddpm_loss(diffusion, num_classes, tc.get("cfg_dropout", 0.0)), batches, steps=tc["steps"], lr=tc["lr"],
                  ema_rate=tc["ema"], amp=tc["amp"], device=device, path=out / "ddpm.pt",
                  config=dict(config, seed=tc["seed"]), resume=args.resume,
-                 log_every=args.log_every, ckpt_every=args.ckpt_every)
-    if args.eval_samples > 0:
+                 log_every=args.log_every, ckpt_every=args.ckpt_every, dist=dist)
+    if args.eval_samples > 0 and dist[0] == 0:
         ema.eval()
         samples = generate(ema, diffusion.respace(config["sample_steps"]), args.eval_samples,
-                           batch_size=min(args.eval_samples, 256), amp=tc["amp"], device=device, seed=tc["seed"])
+                           batch_size=min(args.eval_samples, 256), amp=tc["amp"], device=device, seed=tc["seed"],
+                           channels_last=True)
         np.savez_compressed(out / "ddpm_samples.npz", images=samples)
         save_grid(samples[:100], out / "ddpm_samples.png", nrow=10, scale=max(1, 128 // samples.shape[1]))
         if config["data"]["name"] == "circles":
             m = circle_metrics(samples)
             report = dict(samples=len(samples), one_circle=1 - m["invalid"], one_circle_at_border=
                           float(((m["x"] < 0.2) | (m["x"] > 0.8)).sum() / len(samples)),
-                          in_middle=m["accuracy"], zero_circles=m["zero_circles"], multi_circles=m["multi_circles"])
+                          in_middle=m["accuracy"], zero_circles=m["zero_circles"], multi_circles=m["multi_circles"],
+                          one_circle_any_size=1 - m["invalid_any_size"])
             write_report(report, out, "Unguided EMA samples after DDPM training", stem="ddpm_report")
             print(f"[ddpm] unguided samples: {report['one_circle'] * 100:.1f}% one circle, "
                   f"{report['one_circle_at_border'] * 100:.1f}% one circle at a border", flush=True)
 
 
-def train_classifier(config, out, args, device, name):
-    images, labels = load_data(config["data"])
+def train_classifier(config, out, args, device, name, data, dist=(0, 1)):
+    images, labels = data
     _, diffusion = ckpt_io.build_ddpm(config)
     ctrain = config["classifier_train"]
     torch.manual_seed(ctrain["seed"])
@@ -351,7 +455,9 @@ def train_classifier(config, out, args, device, name):
                       train=ctrain, seed=ctrain["seed"])
     model, _ = fit("classifier", model, classifier_loss(diffusion), batches, label=name, steps=ctrain["steps"], lr=ctrain["lr"],
                    ema_rate=None, amp=False, device=device, path=out / f"{name}.pt", config=clf_config,
-                   resume=args.resume, log_every=args.log_every, ckpt_every=args.ckpt_every)
+                   resume=args.resume, log_every=args.log_every, ckpt_every=args.ckpt_every, dist=dist)
+    if dist[0] != 0:
+        return
     ckpt_io.write_json(clf_config, out / f"{name}.json")
     if config["data"]["name"] == "circles":
         from evaluate import classifier_heatmap, plot_heatmaps
@@ -361,10 +467,92 @@ def train_classifier(config, out, args, device, name):
                       config["data"]["image_size"])
 
 
+def setup_distributed(device):
+    """(rank, world, device) under torchrun (WORLD_SIZE > 1: NCCL on GPUs, gloo on CPU), else (0, 1, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    import torch.distributed as tdist
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if rank != 0:
+        sys.stdout = open(os.devnull, "w")   # rank 0 alone prints progress
+    return rank, world, device
+
+
+def celeba_splits(config):
+    """Full train split (no --subset) and the valid split, as (images, labels, positions) each."""
+    d = config["data"]
+    out = []
+    for split in ("train", "valid"):
+        paths, labels, _, _, positions = celeba_split(d["path"], d["attrs"], split)
+        out.append((load_images(paths, d["image_size"]), labels, positions))
+    return out
+
+
+def evaluator_path(out, config):
+    return out / f"evaluator_{'-'.join(a.replace('/', '_') for a in config['data']['attrs'])}.pt"
+
+
+def train_evaluator_cmd(config, out, args, device):
+    """Train, select and calibrate the evaluation classifier of the run's attribute; evaluator_<attr>.pt."""
+    from evaluate import write_report
+    from filtering import train_evaluator
+    (train_x, train_y, _), (val_x, val_y, _) = celeba_splits(config)
+    preset = PRESETS[args.preset]
+    width = args.eval_width or preset["eval_width"]
+    model, report = train_evaluator(train_x, train_y, val_x, val_y, steps=args.eval_steps or preset["eval_steps"],
+                                    width=width, seed=args.seed, device=device,
+                                    log=lambda m: print(m, flush=True))
+    path = evaluator_path(out, config)
+    cfg = dict(evaluator=dict(width=width, num_classes=model.head[1].out_features), data=config["data"],
+               report=report)
+    ckpt_io.save_atomic(dict(kind="evaluator", config=cfg, model=model.state_dict()), path)
+    write_report(report, out, f"Evaluation classifier {path.name}", stem=path.stem)
+    print(f"[evaluator] val accuracy {report['val_accuracy']:.4f}, T = {report['temperature']:.3f}, ECE "
+          f"{report['ece_before']:.4f} -> {report['ece_after']:.4f}: {path}", flush=True)
+
+
+def filter_cmd(config, out, args, device):
+    """App. D: τ1 classifier, τ2 ensemble, top-k by the evaluation classifier; writes the index files."""
+    from evaluate import plot_histograms, write_report
+    from filtering import extreme_filter
+    path = evaluator_path(out, config)
+    if not path.exists():
+        raise DataError(f"{path} is missing: train the evaluation classifier first with --what evaluator")
+    evaluator, _ = ckpt_io.load_evaluator(path, device)
+    (train_x, train_y, positions), (val_x, val_y, _) = celeba_splits(config)
+    if train_y.max() > 1:
+        raise DataError("--what filter works on one (binary) attribute; intersect index files for two")
+    sizes = parse_ints(args.train_size, "--train-size")
+    preset = PRESETS[args.preset]
+    result = extreme_filter(train_x, train_y, val_x, val_y, evaluator, sizes, tau1=args.tau1, tau2=args.tau2,
+                            members=args.members, seed=args.seed, device=device,
+                            log=lambda m: print(m, flush=True), steps=args.eval_steps or preset["eval_steps"],
+                            width=args.eval_width or preset["eval_width"])
+    stem = path.stem.replace("evaluator_", "subset_")
+    for size, idx in result["indices"].items():
+        (out / f"{stem}_{size}.txt").write_text("".join(f"{p}\n" for p in positions[idx]))
+    kept = {f"{size} kept": result["p1"][np.isin(result["stage2"], idx)] for size, idx in result["indices"].items()}
+    plot_histograms(kept, out / f"{stem}_scores.png", "evaluation classifier p(class 1)", log=True, marks=())
+    write_report(dict(result["counts"], tau1=args.tau1, tau2=args.tau2, members=args.members), out,
+                 f"Extreme-subset filter (App. D) for {config['data']['attrs']}", stem=f"{stem}_report")
+    print(f"[filter] counts {result['counts']} -> {out}/{stem}_<size>.txt", flush=True)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt   # SIGTERM (a scheduler's preemption) saves like Ctrl-C
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
-        device = resolve_device(args.device)
+        rank, world, device = setup_distributed(resolve_device(args.device))
         if args.amp is None:
             args.amp = amp_default(device)
         out = Path(args.out or f"runs/{args.data}")
@@ -381,13 +569,31 @@ def main(argv=None):
             if kind in what and path.exists() and not (args.resume or args.overwrite):
                 raise DataError(f"{path} exists; pass --resume to continue it or --overwrite to start afresh "
                                 f"(or --out NEW_DIR)")
-        load_data(config["data"])  # fail on bad data before any work
-        out.mkdir(parents=True, exist_ok=True)
+        if args.what in ("evaluator", "filter"):
+            if config["data"]["name"] != "celeba":
+                raise DataError(f"--what {args.what} needs --data celeba (train/valid splits and attributes)")
+            out.mkdir(parents=True, exist_ok=True)
+            (train_evaluator_cmd if args.what == "evaluator" else filter_cmd)(config, out, args, device)
+            print(f"done: {out}", flush=True)
+            return
+        data = load_data(config["data"])  # fail on bad data before any work
+        config["classifier"]["num_classes"] = max(2, int(data[1].max()) + 1)
+        if args.cfg_dropout > 0:   # K classes + the null label K
+            ckpt_io.backbone_config(config)["num_classes"] = config["classifier"]["num_classes"] + 1
+        for flag, b in (("--batch-size", config["train"]["batch_size"]),
+                        ("--classifier-batch-size", config["classifier_train"]["batch_size"])):
+            if b % world:
+                raise DataError(f"{flag} {b} (the global batch) is not divisible by the {world} processes")
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
         if "ddpm" in what:
-            ckpt_io.write_json(config, out / "config.json")
-            train_ddpm(config, out, args, device)
+            if rank == 0:
+                ckpt_io.write_json(config, out / "config.json")
+            train_ddpm(config, out, args, device, data, (rank, world))
         if "classifier" in what:
-            train_classifier(config, out, args, device, name)
+            train_classifier(config, out, args, device, name, data, (rank, world))
+        if world > 1:
+            torch.distributed.destroy_process_group()
     except (DataError, ckpt_io.CheckpointError, TrainingError, ValueError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -235,13 +235,15 @@ class UNet(nn.Module):
         self.out = nn.Sequential(normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, out_channels, 3, padding=1)))
 
     def forward(self, x, t, y=None):
-        """x: [N, C, H, W] in [-1, 1]; t: [N] integer timesteps; y: [N] labels (class-conditional only).
+        """x: [N, C, H, W] in [-1, 1]; t: [N] integer timesteps; y: [N] labels (class-conditional only; None =
+        the last label, which classifier-free training uses as the null label ∅).
 
         Returns float32 [N, out_channels, H, W] whatever the autocast dtype.
         """
         emb = self.time_embed(timestep_embedding(t, self.model_channels))
         if self.label_emb is not None:
-            assert y is not None, "this U-Net is class-conditional: pass y"
+            if y is None:
+                y = torch.full((x.shape[0],), self.num_classes - 1, dtype=torch.long, device=x.device)
             emb = emb + self.label_emb(y)
         h, hs = x, []
         for block in self.input_blocks:

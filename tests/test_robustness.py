@@ -1,0 +1,86 @@
+"""Killed runs resume, a diverging run stops with its last good checkpoint intact, bad numbers are refused."""
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_cli import ROOT, TINY, run
+
+
+def start_training(out, steps=100_000):
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *TINY, "--out", str(out), "--steps", str(steps),
+                             "--what", "ddpm", "--eval-samples", "0", "--ckpt-every", "3"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+
+def wait_for_checkpoint(path, proc, min_step=3, timeout=120):
+    """Block until `path` holds a checkpoint of at least `min_step` (atomic writes: always loadable)."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        assert proc.poll() is None, proc.stderr.read()
+        if path.exists() and torch.load(path, weights_only=True)["step"] >= min_step:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no checkpoint at step >= {min_step} after {timeout}s")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+def test_killed_training_resumes_from_its_checkpoint(tmp_path, sig):
+    out = tmp_path / "run"
+    proc = start_training(out)
+    wait_for_checkpoint(out / "ddpm.pt", proc)
+    proc.send_signal(sig)
+    stdout, _ = proc.communicate(timeout=60)
+    state = torch.load(out / "ddpm.pt", weights_only=True)     # intact whatever the signal
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL
+        assert state["step"] % 3 == 0                          # the last periodic checkpoint
+    else:                                                      # saved on the way out, at the current step
+        assert proc.returncode == 130 and f"saved step {state['step']}" in stdout
+    assert not list(out.glob("*.tmp*")) or sig == signal.SIGKILL
+    target = state["step"] + 2
+    resumed = run("train.py", *TINY, "--out", out, "--steps", target, "--what", "ddpm", "--eval-samples", "0",
+                  "--resume")
+    assert f"at step {state['step']}" in resumed.stdout
+    after = torch.load(out / "ddpm.pt", weights_only=True)
+    assert after["step"] == target
+    assert set(after["opt"]["state"]) and after["rng"]["loss"].dtype == torch.uint8
+    assert any(not torch.equal(state["ema"][k], after["ema"][k]) for k in state["ema"])
+
+
+def test_diverging_run_stops_and_keeps_a_finite_checkpoint(tmp_path):
+    out = tmp_path / "nan"
+    proc = run("train.py", *TINY, "--out", out, "--steps", "200", "--what", "ddpm", "--eval-samples", "0",
+               "--lr", "1e30", "--ckpt-every", "1", ok=False)
+    assert proc.returncode == 2 and "not finite" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    state = torch.load(out / "ddpm.pt", weights_only=True)
+    assert state["step"] < 200
+    for weights in (state["model"], state["ema"]):
+        assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("small") / "r"
+    run("train.py", *TINY, "--out", out, "--steps", "1", "--classifier-steps", "1", "--eval-samples", "0")
+    return out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--num-samples", "-5"], "--num-samples"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--eta", "-1", "--ddim"], "--eta"),
+    (["--eta", "nan", "--ddim"], "--eta"),
+    (["--lambdas", "30,inf"], "--lambdas"),
+    (["--steps", "-3"], "--steps"),
+])
+def test_sample_bad_numbers_are_one_line_errors(small_run, args, message):
+    out = small_run
+    proc = run("sample.py", "--run", out, *args, ok=False)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (out / "samples").exists()
