@@ -138,6 +138,29 @@ def format_row(r):
             f"{r['peak_gib']:.2f} |")
 
 
+def profile(unet_cfg, clf_cfg, batch):
+    """Where the time goes: self CPU time per operator over 3 training steps and 3 guided sampling steps."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    diffusion = DiffusionConfig().build()
+    model, clf = unet_cfg.build(), clf_cfg.build().eval()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x, t = torch.randn(batch, 3, unet_cfg.image_size, unet_cfg.image_size), torch.randint(0, 4000, (batch,))
+    cond_fn = multi_guidance([clf], [[30.0, 30.0]])
+    sampler = diffusion.respace(64)
+    steps = {
+        "training step": lambda: (opt.zero_grad(), diffusion.training_losses(model, x, t)["loss"].mean().backward(),
+                                  opt.step()),
+        "guided sampling step": lambda: sampler.p_sample(model, x, torch.full((batch,), 32), cond_fn=cond_fn),
+    }
+    for name, fn in steps.items():
+        fn()
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(3):
+                fn()
+        print(f"## {name} (3 repeats, batch {batch})")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
@@ -147,13 +170,18 @@ def main():
     p.add_argument("--modes", default="fp32,amp,channels_last,compile",
                    help="comma-separated: fp32, amp, channels_last, compile")
     p.add_argument("--skip-paper", action="store_true")
+    p.add_argument("--profile", action="store_true",
+                   help="torch.profiler table of one CPU-preset training step and one guided sampling step")
     args = p.parse_args()
     device = torch.device(args.device)
     modes = args.modes.split(",")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}, est. fp32 peak {cpu_peak_gflops():.0f} GFLOP/s")
-    print(HEADER)
     cpu = PRESETS["cpu"]
+    if args.profile:
+        return profile(UNetConfig(image_size=32, **cpu["unet"]), ClassifierConfig(image_size=32, **cpu["clf"]),
+                       args.cpu_batch)
+    print(HEADER)
     bench_config("cpu preset 32px", UNetConfig(image_size=32, **cpu["unet"]),
                  ClassifierConfig(image_size=32, **cpu["clf"]), args.cpu_batch, modes, args.repeats, device)
     if not args.skip_paper:
