@@ -109,6 +109,9 @@ def parse_args(argv=None):
     g.add_argument("--cfg-dropout", type=float, default=0.0,
                    help="> 0: class-conditional U-Net for classifier-free guidance (App. J); the label is replaced "
                         "by the null label with this probability")
+    g.add_argument("--variance", choices=("learned", "large", "small"), default="learned",
+                   help="Σ_θ: learned range + L_hybrid [IDDPM] (paper), or fixed β_t (large) / β̃_t (small) with "
+                        "L_simple only [DDPM]")
     g.add_argument("--vb-scale", type=float, default=1.0,
                    help="weight of L_t in L_hybrid: 1 = official configs, T/1000 = paper text's λ=0.001")
     g.add_argument("--model-channels", type=int, default=None, help="U-Net base width (default: preset)")
@@ -182,6 +185,7 @@ def build_config(args):
     else:
         raise DataError(f"--data {args.data!r} is not a dataset; choose circles, sizes, celeba or folder")
     unet = dict(preset["unet"], image_size=image_size)
+    unet.setdefault("channel_mult", default_channel_mult(image_size))   # official per-size choice (64: 1,2,3,4)
     if args.model_channels:
         unet["model_channels"] = args.model_channels
     if args.channel_mult:
@@ -190,6 +194,7 @@ def build_config(args):
         unet["num_res_blocks"] = args.num_res_blocks
     if args.attention_resolutions:
         unet["attention_resolutions"] = parse_ints(args.attention_resolutions, "--attention-resolutions")
+    unet["out_channels"] = 6 if args.variance == "learned" else 3
     unet_cfg = UNetConfig(**unet)
     clf = dict(preset["clf"], image_size=image_size, channel_mult=preset["clf"].get(
         "channel_mult", default_channel_mult(image_size)))
@@ -213,11 +218,13 @@ def build_config(args):
             raise DataError(f"{name} must be a positive integer, got {value}")
     return dict(
         data=data,
-        diffusion=asdict(DiffusionConfig(num_steps=args.diffusion_steps, vb_scale=args.vb_scale)),
+        diffusion=asdict(DiffusionConfig(num_steps=args.diffusion_steps, vb_scale=args.vb_scale,
+                                         learn_sigma=args.variance == "learned", sigma_small=args.variance == "small")),
         unet=asdict(unet_cfg),
         arch=args.arch,
         **({"dit": asdict(DiTConfig(image_size=image_size, patch_size=args.dit_patch, hidden_size=args.dit_hidden,
-                                    depth=args.dit_depth, num_heads=args.dit_heads))} if args.arch == "dit" else {}),
+                                    depth=args.dit_depth, num_heads=args.dit_heads,
+                                    learn_sigma=args.variance == "learned"))} if args.arch == "dit" else {}),
         train=dict(steps=args.steps or preset["steps"], batch_size=args.batch_size or preset["batch_size"],
                    lr=args.lr or preset["lr"], ema=args.ema or preset["ema"], amp=args.amp, seed=args.seed,
                    cfg_dropout=args.cfg_dropout,

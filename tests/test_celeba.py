@@ -57,6 +57,21 @@ def test_images_are_centre_cropped_and_resized(tree):
     assert abs(int(images[0, 20, 16, 0]) - 225) < 30
 
 
+@pytest.mark.parametrize("size", [64, 128])
+def test_crop_removes_the_top_and_bottom_20_rows(tmp_path, size):
+    """178x218 -> the centre 178x178 square (rows 20..197) -> size x size: the paper's 64 and the 128 option."""
+    from PIL import Image
+    img = np.zeros((218, 178, 3), np.uint8)
+    img[:, :, 2] = 255                       # blue inside the crop
+    img[:20, :, 0] = img[198:, :, 0] = 255   # red bands that must be cropped away
+    img[20:198, :89, 1] = 255                # left half green: the crop keeps the full width
+    Image.fromarray(img).save(tmp_path / "face.png")
+    out = load_images([tmp_path / "face.png"], size)[0].astype(int)
+    assert out.shape == (size, size, 3)
+    assert out[..., 0].max() == 0
+    assert (out[:, : size // 2 - 1, 1] > 250).all() and (out[:, size // 2 + 1:, 1] < 5).all()
+
+
 def test_oversample_repeats_a_class():
     images, labels = np.arange(5)[:, None], np.array([0, 1, 0, 1, 1])
     im, lab = oversample(images, labels, "0:2")
@@ -98,3 +113,15 @@ def test_bad_celeba_tree_is_one_line_error_before_work(tree, tmp_path, breakage,
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("size,mult", [(64, (1, 2, 3, 4)), (128, (1, 1, 2, 3, 4))])
+def test_paper_preset_at_64_and_128_px(tree, size, mult):
+    """--preset paper --image-size 128: the official 128 px U-Net and classifier layouts (64: the paper's)."""
+    import train
+    root, _ = tree
+    cfg = train.build_config(train.parse_args(["--data", "celeba", "--data-dir", str(root), "--preset", "paper",
+                                               "--image-size", str(size)]))
+    assert cfg["data"]["image_size"] == cfg["unet"]["image_size"] == size
+    assert tuple(cfg["unet"]["channel_mult"]) == mult and tuple(cfg["classifier"]["channel_mult"]) == mult
+    assert cfg["unet"]["model_channels"] == 128 and cfg["train"]["steps"] == 250_000

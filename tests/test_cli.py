@@ -152,3 +152,55 @@ def test_repeat_over_seeds_writes_mean_and_std(tiny_run, tmp_path):
     for variant, seed in (("plain", 1), ("plain", 2), ("sn", 1), ("sn", 2)):
         assert (run_dir / f"{variant}_seed{seed}.pt").exists()
     assert "mean ± std" in (run_dir / "repeats.md").read_text()
+
+
+@pytest.mark.parametrize("variance,small", [("small", True), ("large", False)])
+def test_fixed_variance_run_trains_on_l_simple_and_samples(tmp_path, variance, small):
+    out = tmp_path / "fixed"
+    run("train.py", *TINY, "--out", out, "--steps", "2", "--what", "ddpm", "--variance", variance)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["diffusion"]["learn_sigma"] is False and cfg["diffusion"]["sigma_small"] is small
+    assert cfg["unet"]["out_channels"] == 3
+    vb = np.loadtxt(out / "ddpm_loss.csv", delimiter=",", usecols=3)
+    assert np.all(vb == 0)
+    run("sample.py", "--run", out, "--num-samples", "2", "--name", "s")
+    assert np.load(out / "samples" / "s" / "samples.npz")["images"].shape == (2, 16, 16, 3)
+
+
+def test_lambda_sweep_collects_each_report_and_plots(tiny_run):
+    proc = run("sweep.py", "--run", tiny_run, "--lambdas", "0,30", "--num-samples", "3", "--name", "t",
+               "--sample-args", "--steps 2")
+    rows = json.loads((tiny_run / "sweeps" / "t" / "sweep.json").read_text())
+    assert [r["lambda"] for r in rows] == [0.0, 30.0]
+    for r in rows:
+        report = json.loads((Path(r["folder"]) / "report.json").read_text())
+        assert r["accuracy_middle"] == report["accuracy_middle"] and r["zero_or_multi"] == report["zero_or_multi"]
+    assert json.loads((Path(rows[1]["folder"]) / "report.json").read_text())["lambdas"] == "[[30.0, 30.0]]"
+    assert (tiny_run / "sweeps" / "t" / "sweep.png").stat().st_size > 0 and "| 30 |" in proc.stdout
+
+
+@pytest.mark.parametrize("lambdas", ["a,b", "-1,30", "nan"])
+def test_sweep_bad_lambdas_is_one_line_exit_2(tiny_run, lambdas):
+    proc = run("sweep.py", "--run", tiny_run, f"--lambdas={lambdas}", ok=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--lambdas" in proc.stderr
+
+
+def test_diagnose_probes_classifier_prior_and_mean(tiny_run):
+    proc = run("diagnose.py", "--run", tiny_run, "--samples", "3")
+    report = json.loads((tiny_run / "diagnose.json").read_text())
+    assert len(report["centres_x"]) == 16 - 4            # every centre of the full-range 16 px circles
+    for row in report["classifier_p_right"].values():
+        assert len(row) == len(report["centres_x"]) and all(0 <= p <= 1 for p in row)
+    assert {r["image"] for r in report["prior"]} == {"two circles (left + right border)", "one circle in the middle"}
+    assert all(sum(r["counts"]) == 3 for r in report["prior"])
+    traj = report["trajectory"]["rows"]
+    assert traj[-1]["t"] == 0 and all(sum(r["counts"]) == 3 for r in traj) and report["trajectory"]["lambdas"] == [30, 30]
+    first = report["eps_mean"][0]                         # t = 0.99 T: sqrt(1 - ᾱ) / sqrt(ᾱ) >> 1
+    assert first["x0_error_std"] > 5 * first["eps_mean_error_std"] > 0
+    assert "## 2. DDPM prior" in proc.stdout and (tiny_run / "diagnose.md").exists()
+
+
+def test_diagnose_bad_input_is_one_line_exit_2(tiny_run, tmp_path):
+    for args in (["--run", tmp_path / "none"], ["--run", tiny_run, "--lambdas", "30"]):
+        proc = run("diagnose.py", *args, ok=False)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "diagnose.py: error" in proc.stderr

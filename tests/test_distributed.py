@@ -2,9 +2,10 @@
 import subprocess
 import sys
 
+import numpy as np
 import torch
 
-from test_cli import ROOT, TINY, run
+from test_cli import ROOT, TINY, run, tiny_run  # noqa: F401
 
 
 def test_two_process_ddp_matches_one_process(tmp_path):
@@ -34,3 +35,18 @@ def test_global_batch_must_split_evenly(tmp_path):
                            str(ROOT / "train.py"), *TINY, "--steps", "1", "--batch-size", "7",
                            "--out", str(tmp_path / "x")], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode != 0 and "not divisible by the 2 processes" in proc.stderr
+
+
+def test_sampling_sharded_over_two_processes_gives_the_same_samples(tiny_run):  # noqa: F811
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    common = ["--run-dir", str(tiny_run), "--lambdas", "30,30", "--num-samples", "5", "--batch-size", "2", "--steps", "3"]
+    one = subprocess.run([sys.executable, str(ROOT / "sample.py"), *common, "--name", "one"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=300, env=env)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(ROOT / "sample.py"), *common, "--name", "two"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-3000:]
+    a, b = (np.load(tiny_run / "samples" / n / "samples.npz")["images"] for n in ("one", "two"))
+    assert a.shape == b.shape == (5, 16, 16, 3)
+    assert np.array_equal(a, b)                     # batch b's noise depends on (seed, b) only
+    assert not (tiny_run / "samples" / "two-2").exists()              # rank 0 alone writes
