@@ -221,8 +221,12 @@ def _pyplot():
 
 
 def plot_histograms(named_values, path, xlabel, bins=100, log=False, span=(0, 1), marks=(0.2, 0.8)):
-    """Overlaid density histograms (alpha 0.5), e.g. circle centre x/W of training data vs samples."""
+    """Overlaid density histograms (alpha 0.5), e.g. circle centre x/W of training data vs samples.
+    span=None: the range of all values, widened to contain [0, 1] (no value is left out)."""
     plt = _pyplot()
+    if span is None:
+        every = np.concatenate([np.asarray(v, dtype=float) for v in named_values.values()] + [np.array([0.0, 1.0])])
+        span = (float(every.min()), float(every.max()))
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for name, values in named_values.items():
         if len(values):

@@ -141,6 +141,13 @@ def resolve_classifiers(args, run):
     return out, lambdas
 
 
+def sample_label(lambdas, cfg):
+    """Legend name of a sample set: "unguided", "λ = 30,30" (classifier guidance), "CFG w = 3" or both."""
+    parts = [f"λ = {'; '.join(','.join(f'{v:g}' for v in l) for l in lambdas)}"] if lambdas else []
+    parts += [f"CFG w = {cfg:g}"] if cfg is not None else []
+    return ", ".join(parts) or "unguided"
+
+
 def output_dir(run, name, overwrite):
     base = run / "samples" / name
     if overwrite or not base.exists():
@@ -400,7 +407,7 @@ def main(argv=None):
         report.update(accuracy_middle=m["accuracy"], zero_or_multi=m["invalid"], zero_circles=m["zero_circles"],
                       multi_circles=m["multi_circles"], min_area=MIN_AREA,
                       accuracy_any_size=m["accuracy_any_size"], zero_or_multi_any_size=m["invalid_any_size"])
-        label = "unguided" if not classifiers else f"λ = {'; '.join(','.join(f'{v:g}' for v in l) for l in lambdas)}"
+        label = sample_label(lambdas, args.cfg)
         circles_pictures(samples, m["x"], label, config, run, out, named_paths, device)
         print(f"[sample] accuracy (one circle, centre x/W in [0.2, 0.8]) {m['accuracy'] * 100:.1f}% | "
               f"0 or 2+ circles {m['invalid'] * 100:.1f}% (blobs of any size: {m['accuracy_any_size'] * 100:.1f}% | "
@@ -410,10 +417,13 @@ def main(argv=None):
         m = size_metrics(samples, d["r_min"], d["r_max"])
         _, _, train_r = sizes_dataset(d["image_size"], d["r_min"], d["r_max"], d["delta"], seed=d["seed"])
         report.update(accuracy_middle=m["accuracy"], zero_or_multi=m["invalid"],
-                      mean_radius=float(m["radius"].mean()) if len(m["radius"]) else None)
+                      larger_than_training=float((m["z"] > 1).sum() / n),
+                      median_radius=float(np.median(m["radius"])) if len(m["radius"]) else None)
         plot_histograms({"training data": (train_r - d["r_min"]) / (d["r_max"] - d["r_min"]), tag: m["z"]},
-                        out / "histogram_size.png", "normalised radius (r - r_min) / (r_max - r_min)", bins=40)
+                        out / "histogram_size.png", "normalised radius (r - r_min) / (r_max - r_min)", bins=60,
+                        span=None)
         print(f"[sample] sizes: {m['accuracy'] * 100:.1f}% of samples have a radius in the unseen middle | "
+              f"{report['larger_than_training'] * 100:.1f}% larger than any training object | "
               f"0 or 2+ objects {m['invalid'] * 100:.1f}%", flush=True)
     evaluators = evaluator_paths(args, config, run)
     if evaluators:

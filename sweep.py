@@ -23,7 +23,8 @@ from evaluate import _pyplot
 FAMILIES = {
     "uniformity (evaluation classifier)": ("kld_paper", "mse_paper", "kld_01", "l2_01"),
     "circles": ("accuracy_middle", "zero_or_multi"),
-    "quality": ("fid_pixels", "fid_classifier", "precision_classifier", "recall_classifier"),
+    "FID (log scale)": ("fid_pixels", "fid_classifier"),
+    "precision / recall": ("precision_pixels", "recall_pixels", "precision_classifier", "recall_classifier"),
 }
 
 
@@ -58,6 +59,8 @@ def plot(rows, path):
     for ax, (title, keys) in zip(axes[0], panels):
         for k in keys:
             ax.plot(lam, [r[k] for r in rows], "o-", label=k)
+        if title.startswith("FID"):
+            ax.set_yscale("log")
         ax.set_xlabel("λ (every class)")
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7)

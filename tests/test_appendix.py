@@ -120,3 +120,24 @@ def test_sizes_end_to_end(tmp_path):
     run("sample.py", "--run", out, "--lambdas", "30,30", "--num-samples", "3", "--steps", "2", "--name", "s")
     report = json.loads((out / "samples" / "s" / "report.json").read_text())
     assert 0 <= report["accuracy_middle"] <= 1 and (out / "samples" / "s" / "histogram_size.png").exists()
+    assert report["accuracy_middle"] + report["larger_than_training"] + report["zero_or_multi"] <= 1 + 1e-9
+
+
+def test_size_metrics_sort_middle_oversized_and_broken():
+    """A middle-sized disc, a disc larger than any training disc, two discs, and nothing."""
+    from data import render_circles
+    from evaluate import size_metrics
+    mid = render_circles(np.array([[16, 16]]), 32, radius=6)            # z = (6 - 2) / 9 = 0.44
+    big = render_circles(np.array([[16, 16]]), 32, radius=13)           # z = 1.22 > 1
+    two = np.maximum(render_circles(np.array([[6, 6]]), 32, 2), render_circles(np.array([[24, 24]]), 32, 2))
+    m = size_metrics(np.concatenate([mid, big, two, np.zeros_like(mid)]), r_min=2, r_max=11)
+    assert m["accuracy"] == 0.25 and m["invalid"] == 0.5
+    assert m["z"][0] == pytest.approx(4 / 9, abs=0.05) and m["z"][1] > 1
+
+
+def test_sample_labels_name_the_guidance():
+    from sample import sample_label
+    assert sample_label([], None) == "unguided"
+    assert sample_label([[30.0, 30.0]], None) == "λ = 30,30"
+    assert sample_label([], 3.0) == "CFG w = 3"          # CFG samples are not "unguided" (histogram legend)
+    assert sample_label([[10.0, 0.0]], 0.1) == "λ = 10,0, CFG w = 0.1"
