@@ -26,6 +26,11 @@ from evaluate import detect_circles
 from guidance import multi_guidance, parse_lambdas
 
 
+def blob_counts(found):
+    """Numbers of samples with 0 / 1 / 2 / 3+ circles (blobs), from evaluate.detect_circles output."""
+    return np.bincount(np.minimum([f[0] for f in found], 3), minlength=4).tolist()
+
+
 def classifier_profile(clf, diffusion, image_size, radius, ts, repeats=4, seed=0):
     """{t: [p(right) per centre x]} over the full-range circles; x = the centres (pixels)."""
     images, _, pos = circles_dataset(image_size, radius, full_range=True)
@@ -59,9 +64,8 @@ def prior_probe(model, sampler, image_size, radius, starts, n=32, seed=0):
                 with torch.no_grad():
                     x = sampler.p_sample(model, x, torch.full((n,), i), noise=torch.randn(x.shape, generator=gen))["sample"]
             found = detect_circles(to_uint8(x))
-            counts = np.bincount(np.minimum([f[0] for f in found], 3), minlength=4)
             xs = [c[0, 0] / image_size for m, c, _ in found if m == 1]
-            rows.append(dict(image=name, t=t, counts=counts.tolist(), single_x_mean=float(np.mean(xs)) if xs else None))
+            rows.append(dict(image=name, t=t, counts=blob_counts(found), single_x_mean=float(np.mean(xs)) if xs else None))
     return rows
 
 
@@ -77,9 +81,7 @@ def guided_trajectory(model, sampler, clf, lambdas, image_size, n=32, seed=1, ev
                                    noise=torch.randn(x.shape, generator=gen))
         x = out["sample"]
         if i % every == 0:
-            found = detect_circles(to_uint8(out["pred_x0"] if i else x))
-            rows.append(dict(t=int(sampler.timestep_map[i]),
-                             counts=np.bincount(np.minimum([f[0] for f in found], 3), minlength=4).tolist()))
+            rows.append(dict(t=int(sampler.timestep_map[i]), counts=blob_counts(detect_circles(to_uint8(out["pred_x0"] if i else x)))))
     return rows
 
 

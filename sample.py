@@ -58,7 +58,7 @@ def generate(model, diffusion, num_samples, batch_size=256, amp=True, device="cp
     starts = list(range(0, num_samples, batch_size))
     mine = starts[rank::world]
     out, t0 = {}, time.time()
-    for k, i in enumerate(mine):
+    for i in mine:
         b = min(batch_size, num_samples - i)
         gen = torch.Generator().manual_seed(seed + 1_000_003 * (i // batch_size))
         shape = (b, model.in_channels, model.image_size, model.image_size)

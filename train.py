@@ -194,7 +194,8 @@ def build_config(args):
         unet["num_res_blocks"] = args.num_res_blocks
     if args.attention_resolutions:
         unet["attention_resolutions"] = parse_ints(args.attention_resolutions, "--attention-resolutions")
-    unet["out_channels"] = 6 if args.variance == "learned" else 3
+    learned = args.variance == "learned"
+    unet["out_channels"] = 6 if learned else 3
     unet_cfg = UNetConfig(**unet)
     clf = dict(preset["clf"], image_size=image_size, channel_mult=preset["clf"].get(
         "channel_mult", default_channel_mult(image_size)))
@@ -219,12 +220,12 @@ def build_config(args):
     return dict(
         data=data,
         diffusion=asdict(DiffusionConfig(num_steps=args.diffusion_steps, vb_scale=args.vb_scale,
-                                         learn_sigma=args.variance == "learned", sigma_small=args.variance == "small")),
+                                         learn_sigma=learned, sigma_small=args.variance == "small")),
         unet=asdict(unet_cfg),
         arch=args.arch,
         **({"dit": asdict(DiTConfig(image_size=image_size, patch_size=args.dit_patch, hidden_size=args.dit_hidden,
                                     depth=args.dit_depth, num_heads=args.dit_heads,
-                                    learn_sigma=args.variance == "learned"))} if args.arch == "dit" else {}),
+                                    learn_sigma=learned))} if args.arch == "dit" else {}),
         train=dict(steps=args.steps or preset["steps"], batch_size=args.batch_size or preset["batch_size"],
                    lr=args.lr or preset["lr"], ema=args.ema or preset["ema"], amp=args.amp, seed=args.seed,
                    cfg_dropout=args.cfg_dropout,
