@@ -77,6 +77,7 @@ class ClassifierConfig:
     lipschitz: float = 0.5                  # per-layer bound when spectral_norm (official training default)
     n_power_iterations: int = 2
     pool: str = "attention"                 # "attention" (paper) | "adaptive" (ADM's global average pool)
+    mirror_equivariant: bool = False        # logits(flip x) = logits(x) with the 2 classes swapped (not in the paper)
 
     def build(self):
         kwargs = asdict(self)
@@ -97,10 +98,14 @@ class EncoderUNet(nn.Module):
 
     def __init__(self, image_size=64, in_channels=3, model_channels=128, num_res_blocks=2,
                  attention_resolutions=(32, 16, 8), channel_mult=(1, 2, 3, 4), num_head_channels=64,
-                 num_classes=2, use_scale_shift_norm=True, resblock_updown=True, dropout=0.0, pool="attention"):
+                 num_classes=2, use_scale_shift_norm=True, resblock_updown=True, dropout=0.0, pool="attention",
+                 mirror_equivariant=False):
         super().__init__()
         if pool not in ("attention", "adaptive"):
             raise ValueError(f"classifier pool {pool!r} unknown; choose attention or adaptive")
+        if mirror_equivariant and num_classes != 2:
+            raise ValueError(f"a mirror-equivariant head swaps 2 classes; this data has {num_classes}")
+        self.mirror_equivariant = mirror_equivariant
         self.model_channels = model_channels
         self.time_embed = time_mlp(model_channels)
         self.input_blocks, self.middle_block, _, ch, res = build_encoder(
@@ -119,8 +124,17 @@ class EncoderUNet(nn.Module):
         return F.silu(self.out_norm(self.middle_block(h, emb)))
 
     def forward(self, x, t):
-        """x: [N, C, H, W] noisy images x_t; t: [N] integer timesteps. Returns float32 logits / T."""
-        return self.pool(self.trunk(x, t)).float() / self.temperature
+        """x: [N, C, H, W] noisy images x_t; t: [N] integer timesteps. Returns float32 logits / T.
+
+        Mirror-equivariant head (circles; our addition): logits(x) = g(x) + swap(g(flip x)), so that
+        logits(flip x) = swap(logits(x)) for every x, and p = 1/2 on every mirror-symmetric image. The
+        data has this symmetry (a circle at x has label 1[x >= W/2]); plain mirror augmentation only
+        imposes it on training images, this imposes it in the unseen middle too. One batched forward of 2N.
+        """
+        if not self.mirror_equivariant:
+            return self.pool(self.trunk(x, t)).float() / self.temperature
+        g, g_flip = self.pool(self.trunk(torch.cat([x, x.flip(-1)]), torch.cat([t, t]))).float().chunk(2)
+        return (g + g_flip.flip(-1)) / self.temperature
 
     def features(self, x, t):
         """Penultimate features: the trunk's output averaged over positions, [N, channels] (App. H, I)."""

@@ -267,6 +267,13 @@ def to_float(images_u8):
     return x.permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
+def channel_mean_stats(images_u8):
+    """Mean and variance over the data set of each image's channel means in [-1, 1] units (the "DC" prior of
+    ddpm.Diffusion.dc_corrected_eps), as dict(mean=[C], var=[C]) of floats."""
+    dc = images_u8.reshape(len(images_u8), -1, images_u8.shape[-1]).mean(axis=1, dtype=np.float64) / 127.5 - 1
+    return dict(mean=dc.mean(axis=0).tolist(), var=dc.var(axis=0).tolist())
+
+
 def to_uint8(x):
     """float [N, C, H, W] in [-1, 1] -> uint8 [N, H, W, C], clamp((x+1)·127.5) then truncate (official)."""
     return ((x.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

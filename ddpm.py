@@ -136,13 +136,14 @@ class Diffusion:
     `learn_sigma` (ε̂ then v) and C channels otherwise; t is the original integer timestep.
     """
 
-    def __init__(self, betas, learn_sigma=True, sigma_small=False, vb_scale=1.0, timestep_map=None):
+    def __init__(self, betas, learn_sigma=True, sigma_small=False, vb_scale=1.0, timestep_map=None, dc_prior=None):
         betas = np.asarray(betas, dtype=np.float64)
         assert betas.ndim == 1 and (betas > 0).all() and (betas <= 1).all(), "betas must lie in (0, 1]"
         self.betas = betas
         self.num_steps = len(betas)
         self.learn_sigma, self.sigma_small, self.vb_scale = learn_sigma, sigma_small, vb_scale
         self.timestep_map = np.arange(self.num_steps) if timestep_map is None else np.asarray(timestep_map)
+        self.dc_prior = dc_prior    # None, or (mean [C], var [C]) of the data's per-image channel means
 
         self.alphas = 1.0 - betas
         self.alphas_cumprod = np.cumprod(self.alphas)
@@ -184,7 +185,13 @@ class Diffusion:
             betas.append(1.0 - self.alphas_cumprod[k] / last)
             last = self.alphas_cumprod[k]
         return Diffusion(np.array(betas), learn_sigma=self.learn_sigma, sigma_small=self.sigma_small,
-                         vb_scale=self.vb_scale, timestep_map=self.timestep_map[kept])
+                         vb_scale=self.vb_scale, timestep_map=self.timestep_map[kept], dc_prior=self.dc_prior)
+
+    def with_dc_prior(self, mean, var):
+        """This chain, with ε̂'s per-image channel means replaced at sampling (see `dc_corrected_eps`)."""
+        dc_prior = (np.asarray(mean, dtype=np.float64), np.asarray(var, dtype=np.float64))
+        return Diffusion(self.betas, learn_sigma=self.learn_sigma, sigma_small=self.sigma_small,
+                         vb_scale=self.vb_scale, timestep_map=self.timestep_map, dc_prior=dc_prior)
 
     # ----- forward process -----
     def q_sample(self, x0, t, noise=None):
@@ -235,11 +242,35 @@ class Diffusion:
                 log_var = np.log(var)
             variance = self._extract(var, t, x_t).expand_as(x_t)
             log_variance = self._extract(log_var, t, x_t).expand_as(x_t)
+        if self.dc_prior is not None:
+            eps = self.dc_corrected_eps(x_t, t, eps)
         pred_x0 = self.predict_x0_from_eps(x_t, t, eps)
         if clip_denoised:
             pred_x0 = pred_x0.clamp(-1, 1)
         mean, _, _ = self.q_posterior(pred_x0, x_t, t)
         return dict(mean=mean, variance=variance, log_variance=log_variance, pred_x0=pred_x0, eps=eps)
+
+    def dc_corrected_eps(self, x_t, t, eps):
+        """ε̂ with its per-image channel means (its "DC") replaced by E[DC(ε) | DC(x_t)]. Our addition, not in [ZSI].
+
+        Why: a GroupNorm U-Net barely sees the mean of its input, so a small one predicts DC(ε̂) ≈ 0 whatever
+        DC(x_t) is; x̂_0 absorbs the missed DC amplified by 1/sqrt(ᾱ_t), and every CPU sample ends on its own
+        random grey background (RESULTS.md). The DC of x_t is u = sqrt(ᾱ) u_0 + sqrt(1-ᾱ) u_ε with u_ε ~ N(0, 1/n)
+        exactly (n pixels) and u_0 ~ N(m, s²) for the data (mean m, variance s² of its per-image channel means,
+        measured on the training set). The posterior mean is linear (Gaussian conditioning):
+
+            E[u_ε | u] = sqrt(1-ᾱ)/n / (ᾱ s² + (1-ᾱ)/n) · (u − sqrt(ᾱ) m).
+
+        s² = 0 (every circles image has the same mean) gives (u − sqrt(ᾱ) m)/sqrt(1-ᾱ): x̂_0's mean is then m
+        exactly; a large s² (faces) leaves at most a small pull towards m at low noise.
+        """
+        mean, var = (torch.as_tensor(a, dtype=torch.float32, device=x_t.device).view(1, -1, 1, 1)
+                     for a in self.dc_prior)
+        n = x_t.shape[2] * x_t.shape[3]
+        abar = self._extract(self.alphas_cumprod, t, x_t)
+        u = x_t.mean(dim=(2, 3), keepdim=True)
+        gain = (1 - abar).sqrt() / n / (abar * var + (1 - abar) / n)
+        return eps - eps.mean(dim=(2, 3), keepdim=True) + gain * (u - abar.sqrt() * mean)
 
     # ----- training -----
     def training_losses(self, model, x0, t, noise=None, model_kwargs=None):

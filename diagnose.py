@@ -24,6 +24,7 @@ import checkpoint as ckpt_io
 from data import circles_dataset, render_circles, to_float, to_uint8
 from evaluate import detect_circles
 from guidance import multi_guidance, parse_lambdas
+from sample import sampling_chain
 
 
 def blob_counts(found):
@@ -121,7 +122,7 @@ def main(argv=None):
         print(f"diagnose.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     size, radius, T = config["data"]["image_size"], config["data"]["radius"], diffusion.num_steps
-    sampler = diffusion.respace(config["sample_steps"])
+    sampler = sampling_chain(diffusion, config).respace(config["sample_steps"])
     K = len(sampler.timestep_map)
     ts = [0, T // 4, T // 2, 3 * T // 4, int(0.9 * T)]
     xs, profile = classifier_profile(clf, diffusion, size, radius, ts)

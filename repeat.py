@@ -18,7 +18,8 @@ import numpy as np
 import sample
 import train
 
-VARIANTS = {"plain": [], "sn": ["--spectral-norm"]}
+VARIANTS = {"plain": [], "sn": ["--spectral-norm"],
+            "no-mirror": ["--no-mirror-equivariant"]}   # the paper's head (the cpu circles preset is mirror-equivariant)
 
 
 def main(argv=None):
@@ -26,7 +27,8 @@ def main(argv=None):
     p.add_argument("--run", default="runs/circles", help="run folder with a trained DDPM")
     p.add_argument("--seeds", type=int, default=5, help="number of seeds (classifiers) per variant")
     p.add_argument("--first-seed", type=int, default=1)
-    p.add_argument("--variants", default="plain,sn", help="comma-separated: plain, sn (spectral norm)")
+    p.add_argument("--variants", default="plain,sn", help="comma-separated: plain (the run's preset classifier), sn "
+                                                            "(spectral norm), no-mirror (paper head, no mirror symmetry)")
     p.add_argument("--lambdas", default="30,30", help="multi-guidance weights")
     p.add_argument("--num-samples", type=int, default=1000)
     p.add_argument("--train-args", default="", help="extra train.py flags for the classifiers, quoted")

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 import checkpoint as ckpt_io
-from data import DataError, circles_dataset, save_grid, sizes_dataset, to_uint8
+from data import DataError, channel_mean_stats, circles_dataset, save_grid, sizes_dataset, to_uint8
 from evaluate import (MIN_AREA, circle_metrics, detect_circles, size_metrics, classifier_heatmap, plot_heatmaps, plot_histograms, plot_overview,
                       write_report)
 from guidance import classifier_free, multi_guidance, parse_lambdas
@@ -100,6 +100,9 @@ def parse_args(argv=None):
     g.add_argument("--ddim", action="store_true", help="DDIM instead of ancestral sampling")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM η (0 = deterministic)")
     g.add_argument("--batch-size", type=int, default=256, help="samples per batch")
+    g.add_argument("--dc-correction", action=argparse.BooleanOptionalAction, default=None,
+                   help="replace ε̂'s per-image channel means by their closed-form posterior mean (fixes the grey "
+                        "backgrounds of small U-Nets; not in the paper; default: the run's setting, on for the cpu preset)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="autocast the U-Net: fp16 on CUDA, bf16 on CPU (default: on for CUDA and CPUs with native bf16)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
@@ -146,6 +149,22 @@ def sample_label(lambdas, cfg):
     parts = [f"λ = {'; '.join(','.join(f'{v:g}' for v in l) for l in lambdas)}"] if lambdas else []
     parts += [f"CFG w = {cfg:g}"] if cfg is not None else []
     return ", ".join(parts) or "unguided"
+
+
+def sampling_chain(diffusion, config, dc_correction=None):
+    """The chain to sample with: `diffusion`, with the DC correction of ε̂ (ddpm.Diffusion.dc_corrected_eps) if
+    asked, or by default if the run's config says so (runs trained before it existed: off)."""
+    use = config.get("dc_correction", False) if dc_correction is None else dc_correction
+    if not use:
+        return diffusion
+    prior = config.get("dc_prior")
+    if prior is None:  # runs from before the statistics were saved: recompute them for synthetic data
+        if config["data"]["name"] not in ("circles", "sizes"):
+            raise ValueError("--dc-correction needs the data statistics saved by train.py since it exists; "
+                             "retrain the run or sample with --no-dc-correction")
+        from train import load_data
+        prior = channel_mean_stats(load_data(config["data"])[0])
+    return diffusion.with_dc_prior(prior["mean"], prior["var"])
 
 
 def output_dir(run, name, overwrite):
@@ -350,6 +369,8 @@ def main(argv=None):
             classifiers.append(clf)
             lambdas.append(parse_lambdas(text, ccfg["classifier"]["num_classes"]))
         steps = config["sample_steps"] if args.steps is None else args.steps
+        dc = config.get("dc_correction", False) if args.dc_correction is None else args.dc_correction
+        diffusion = sampling_chain(diffusion, config, dc)
         cfg_classes = ckpt_io.backbone_config(config).get("num_classes", 0) - 1
         if args.cfg is not None and (cfg_classes < 1 or args.cfg != args.cfg):
             raise ValueError(f"--cfg {args.cfg}: needs a finite weight and a run trained with --cfg-dropout"
@@ -374,7 +395,8 @@ def main(argv=None):
         tag = "_".join(f"{nm}{'-'.join(f'{v:g}' for v in l)}" for (nm, _), l in zip(named_paths, lambdas))
         tag = "_".join(filter(None, [tag, f"cfg{args.cfg:g}" if args.cfg is not None else ""])) or "unguided"
         mode = "interpolate_" if args.interpolate else "edit_" if args.edit else ""
-        name = args.name or f"{mode}{tag}_steps{steps}{'_ddim' if args.ddim else ''}_n{n}_seed{args.seed}"
+        dc_tag = "" if dc == config.get("dc_correction", False) else "_dc" if dc else "_nodc"
+        name = args.name or f"{mode}{tag}_steps{steps}{'_ddim' if args.ddim else ''}{dc_tag}_n{n}_seed{args.seed}"
         if args.interpolate or args.edit:
             inversion_inputs(args, config, n)       # fail on bad --images before any work
         out = output_dir(run, name, args.overwrite)
@@ -385,8 +407,8 @@ def main(argv=None):
     cond_fn = multi_guidance(classifiers, lambdas) if classifiers else None
     if args.interpolate or args.edit:
         return run_inversion(args, model, diffusion.respace(steps), cond_fn, config, run, out, device)
-    print(f"[sample] {n} samples, {steps} {'DDIM' if args.ddim else 'ancestral'} steps, "
-          f"guidance {tag}, device {device} -> {out}", flush=True)
+    print(f"[sample] {n} samples, {steps} {'DDIM' if args.ddim else 'ancestral'} steps"
+          f"{', DC correction' if dc else ''}, guidance {tag}, device {device} -> {out}", flush=True)
     t0 = time.time()
     samples = generate(model, diffusion.respace(steps), n, args.batch_size, args.amp, device, args.seed,
                        cond_fn=cond_fn, ddim=args.ddim, eta=args.eta, verbose=True, channels_last=args.channels_last,
@@ -401,7 +423,8 @@ def main(argv=None):
                         classifiers=json.dumps([str(p) for _, p in named_paths]))
     save_grid(samples[:100], out / "grid.png", nrow=10, scale=max(1, 128 // samples.shape[1]))
     report = dict(run=str(run), guidance=tag, lambdas=json.dumps(lambdas), steps=steps,
-                  sampler="ddim" if args.ddim else "ancestral", num_samples=n, seed=args.seed, seconds=round(seconds, 1))
+                  sampler="ddim" if args.ddim else "ancestral", dc_correction=dc, num_samples=n, seed=args.seed,
+                  seconds=round(seconds, 1))
     if circles:
         m = circle_metrics(samples)
         report.update(accuracy_middle=m["accuracy"], zero_or_multi=m["invalid"], zero_circles=m["zero_circles"],

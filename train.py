@@ -30,8 +30,8 @@ import torch
 
 import checkpoint as ckpt_io
 from classifier import ClassifierConfig, default_channel_mult, noisy_classifier_loss
-from data import (CELEBA_LAYOUT, Batches, DataError, celeba_split, circles_dataset, load_image_folder, load_images,
-                  oversample, save_grid, sizes_dataset)
+from data import (CELEBA_LAYOUT, Batches, DataError, celeba_split, channel_mean_stats, circles_dataset,
+                  load_image_folder, load_images, oversample, save_grid, sizes_dataset)
 from ddpm import DiffusionConfig
 from dit import DiTConfig
 from unet import UNetConfig, amp_default, autocast, count_parameters
@@ -119,6 +119,9 @@ def parse_args(argv=None):
     g.add_argument("--num-res-blocks", type=int, default=None, help="U-Net residual blocks per level")
     g.add_argument("--attention-resolutions", default=None, help="feature-map sizes with attention, e.g. 16,8")
     g.add_argument("--sample-steps", type=int, default=None, help="respaced steps for sampling (default: preset)")
+    g.add_argument("--dc-correction", action=argparse.BooleanOptionalAction, default=None,
+                   help="sample with ε̂'s per-image channel means replaced by their closed-form posterior mean "
+                        "(ddpm.Diffusion.dc_corrected_eps; not in the paper; default: on for the cpu preset)")
     g.add_argument("--eval-samples", type=int, default=256, help="unguided EMA samples drawn after training")
     g = p.add_argument_group("classifier")
     g.add_argument("--classifier-name", default=None, help="file stem in the run (default classifier / classifier_sn)")
@@ -129,6 +132,9 @@ def parse_args(argv=None):
     g.add_argument("--classifier-pool", choices=("attention", "adaptive"), default=None,
                    help="head: attention pooling (paper) or global average pooling (default: preset)")
     g.add_argument("--spectral-norm", action="store_true", help="spectral normalisation of conv/linear weights")
+    g.add_argument("--mirror-equivariant", action=argparse.BooleanOptionalAction, default=None,
+                   help="two classes that swap under a horizontal flip (circles): logits(flip x) = swapped "
+                        "logits(x) by construction; not in the paper (default: on for circles with the cpu preset)")
     g.add_argument("--lipschitz", type=float, default=0.5, help="per-layer Lipschitz factor with --spectral-norm")
     g.add_argument("--classifier-augment", choices=("none", "flip", "mirror"), default=None,
                    help="none (official for circles, the default there); flip (h-flip, the default for CelebA and "
@@ -203,7 +209,11 @@ def build_config(args):
         clf["model_channels"] = args.classifier_width
     if args.classifier_pool:
         clf["pool"] = args.classifier_pool
-    clf_cfg = ClassifierConfig(**clf, spectral_norm=args.spectral_norm, lipschitz=args.lipschitz)
+    mirror = args.mirror_equivariant
+    if mirror is None:  # the cpu preset's circles classifier; RESULTS.md has the paper's head too
+        mirror = args.preset == "cpu" and args.data == "circles"
+    clf_cfg = ClassifierConfig(**clf, spectral_norm=args.spectral_norm, lipschitz=args.lipschitz,
+                               mirror_equivariant=mirror)
     if not args.lipschitz > 0:
         raise DataError(f"--lipschitz must be a positive number, got {args.lipschitz}")
     for net, mult in (("U-Net", unet_cfg.channel_mult), ("classifier", clf_cfg.channel_mult)):
@@ -231,6 +241,7 @@ def build_config(args):
                    cfg_dropout=args.cfg_dropout,
                    flip=True, preset=args.preset),
         sample_steps=args.sample_steps or preset["sample_steps"],
+        dc_correction=args.preset == "cpu" if args.dc_correction is None else args.dc_correction,
         classifier=asdict(clf_cfg),
         classifier_train=dict(steps=args.classifier_steps or preset["clf_steps"],
                               batch_size=args.classifier_batch_size or preset["clf_batch_size"],
@@ -412,7 +423,7 @@ def classifier_loss(diffusion):
 
 def train_ddpm(config, out, args, device, data, dist=(0, 1)):
     from evaluate import circle_metrics, write_report
-    from sample import generate
+    from sample import generate, sampling_chain
     images, labels = data
     if dist[0] == 0:
         save_grid(images[:64], out / "train_examples.png", nrow=8, scale=max(1, 128 // images.shape[1]))
@@ -431,7 +442,7 @@ def train_ddpm(config, out, args, device, data, dist=(0, 1)):
                  log_every=args.log_every, ckpt_every=args.ckpt_every, dist=dist)
     if args.eval_samples > 0 and dist[0] == 0:
         ema.eval()
-        samples = generate(ema, diffusion.respace(config["sample_steps"]), args.eval_samples,
+        samples = generate(ema, sampling_chain(diffusion, config).respace(config["sample_steps"]), args.eval_samples,
                            batch_size=min(args.eval_samples, 256), amp=tc["amp"], device=device, seed=tc["seed"],
                            channels_last=True)
         np.savez_compressed(out / "ddpm_samples.npz", images=samples)
@@ -585,6 +596,7 @@ def main(argv=None):
             print(f"done: {out}", flush=True)
             return
         data = load_data(config["data"])  # fail on bad data before any work
+        config["dc_prior"] = channel_mean_stats(data[0])
         config["classifier"]["num_classes"] = max(2, int(data[1].max()) + 1)
         if args.cfg_dropout > 0:   # K classes + the null label K
             ckpt_io.backbone_config(config)["num_classes"] = config["classifier"]["num_classes"] + 1

@@ -78,3 +78,20 @@ def test_noisy_loss_uses_the_chain_and_returns_logits():
     loss, logits = noisy_classifier_loss(clf, d, torch.zeros(64, 3, 4, 4), torch.zeros(64, dtype=torch.long))
     assert loss.item() == pytest.approx(torch.log(torch.tensor(2.0)).item())
     assert seen["t"].min() >= 0 and seen["t"].max() < 100 and seen["t"].dtype == torch.long
+
+
+def test_mirror_equivariant_head_swaps_the_classes_of_a_flipped_image():
+    torch.manual_seed(0)
+    model = ClassifierConfig(**SMALL, mirror_equivariant=True).build().eval()
+    x, t = torch.randn(4, 3, 16, 16), torch.tensor([0, 10, 2000, 3999])
+    with torch.no_grad():
+        logits, flipped = model(x, t), model(x.flip(-1), t)
+        symmetric = model(x + x.flip(-1), t).softmax(-1)
+    torch.testing.assert_close(flipped, logits.flip(-1), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(logits[:, 0], logits[:, 1])
+    torch.testing.assert_close(symmetric, torch.full_like(symmetric, 0.5))
+    plain = ClassifierConfig(**SMALL).build().eval()
+    with torch.no_grad():
+        assert not torch.allclose(plain(x.flip(-1), t), plain(x, t).flip(-1), atol=1e-4)
+    with pytest.raises(ValueError, match="swaps 2 classes"):
+        ClassifierConfig(**dict(SMALL, num_classes=4), mirror_equivariant=True).build()

@@ -204,3 +204,21 @@ def test_diagnose_bad_input_is_one_line_exit_2(tiny_run, tmp_path):
     for args in (["--run", tmp_path / "none"], ["--run", tiny_run, "--lambdas", "30"]):
         proc = run("diagnose.py", *args, ok=False)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "diagnose.py: error" in proc.stderr
+
+
+def test_cpu_preset_circles_run_uses_dc_correction_and_mirror_head_and_both_can_be_turned_off(tiny_run, tmp_path):
+    cfg = json.loads((tiny_run / "config.json").read_text())
+    assert cfg["dc_correction"] is True and len(cfg["dc_prior"]["mean"]) == 3 and max(cfg["dc_prior"]["var"]) < 1e-12
+    assert json.loads((tiny_run / "classifier.json").read_text())["classifier"]["mirror_equivariant"] is True
+    args = ("--run", tiny_run, "--lambdas", "30,30", "--num-samples", "2", "--steps", "3")
+    on = json.loads((run("sample.py", *args, "--name", "dc_on") and tiny_run / "samples" / "dc_on" / "report.json")
+                    .read_text())
+    run("sample.py", *args)   # the default folder name has no tag; turning it off adds one
+    run("sample.py", *args, "--no-dc-correction")
+    off = json.loads((tiny_run / "samples" / "classifier30-30_steps3_nodc_n2_seed0" / "report.json").read_text())
+    assert on["dc_correction"] is True and off["dc_correction"] is False
+    paper = tmp_path / "paper_head"
+    run("train.py", *TINY, "--out", paper, "--steps", "2", "--classifier-steps", "2", "--eval-samples", "0",
+        "--no-mirror-equivariant", "--no-dc-correction")
+    assert json.loads((paper / "config.json").read_text())["dc_correction"] is False
+    assert json.loads((paper / "classifier.json").read_text())["classifier"]["mirror_equivariant"] is False

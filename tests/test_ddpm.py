@@ -298,3 +298,66 @@ def test_last_step_adds_no_noise(diffusion):
     a = diffusion.p_sample(model, x, t)["sample"]
     b = diffusion.p_sample(model, x, t)["sample"]
     assert torch.equal(a, b)
+
+
+# ----- DC correction (our addition; RESULTS.md session 4) -----
+
+def test_dc_correction_recovers_the_noise_mean_when_every_image_has_the_same_mean(diffusion):
+    """Circles: every image's channel means are equal, so DC(ε) is a function of DC(x_t): a network that gets
+    everything but the DC right is made exact."""
+    from data import channel_mean_stats, circles_dataset
+    images, _, _ = circles_dataset(16)
+    prior = channel_mean_stats(images)
+    assert max(prior["var"]) < 1e-20
+    chain = diffusion.with_dc_prior(prior["mean"], prior["var"])
+    x0 = torch.from_numpy(images).permute(0, 3, 1, 2).double().div(127.5).sub(1).float()
+    for step in (0, 10, 1000, 2000, 3500, 3999):
+        t = torch.full((len(x0),), step)
+        eps = torch.randn_like(x0)
+        x_t = diffusion.q_sample(x0, t, eps)
+        blind = eps - eps.mean(dim=(2, 3), keepdim=True)          # right except for the DC
+        fixed = chain.dc_corrected_eps(x_t, t, blind)
+        torch.testing.assert_close(fixed.mean(dim=(2, 3)), eps.mean(dim=(2, 3)), atol=2e-3, rtol=0)
+        torch.testing.assert_close(fixed - fixed.mean(dim=(2, 3), keepdim=True), blind, atol=1e-6, rtol=0)
+        x0_hat = diffusion.predict_x0_from_eps(x_t, t, fixed)   # float32 error × 1/sqrt(ᾱ) ≈ 1e5 at t = T-1
+        torch.testing.assert_close(x0_hat.mean(dim=(2, 3)), x0.mean(dim=(2, 3)), atol=2e-3 if step < 3999 else 2e-2,
+                                   rtol=0)
+
+
+def test_dc_correction_is_the_least_squares_estimate_for_gaussian_image_means(diffusion):
+    """u_0 ~ N(m, s²): the corrected DC is the regression of DC(ε) on DC(x_t), estimated here by Monte Carlo."""
+    g = torch.Generator().manual_seed(0)
+    n_img, side, m, s2 = 20000, 8, torch.tensor([-0.3, 0.1, 0.5]), torch.tensor([0.04, 0.01, 0.0025])
+    chain = diffusion.with_dc_prior(m.numpy(), s2.numpy())
+    for step in (50, 400, 2000):
+        u0 = m + s2.sqrt() * torch.randn(n_img, 3, generator=g)
+        x0 = u0[:, :, None, None].expand(n_img, 3, side, side)
+        eps = torch.randn(n_img, 3, side, side, generator=g)
+        t = torch.full((n_img,), step)
+        x_t = diffusion.q_sample(x0, t, eps)
+        fixed = chain.dc_corrected_eps(x_t, t, torch.zeros_like(eps)).mean(dim=(2, 3))
+        u, target = x_t.mean(dim=(2, 3)).double(), eps.mean(dim=(2, 3)).double()
+        for c in range(3):   # least-squares slope of DC(ε) on DC(x_t) vs the correction's exact slope
+            du = u[:, c] - u[:, c].mean()
+            slope = (du * target[:, c]).sum() / (du ** 2).sum()
+            ours = (du * fixed[:, c]).sum() / (du ** 2).sum()
+            resid = target[:, c] - target[:, c].mean() - slope * du
+            se = resid.std() / (du.std() * n_img ** 0.5)
+            assert abs(ours - slope) < 4 * se, (step, c, ours.item(), slope.item(), se.item())
+            error = fixed[:, c] - target[:, c]   # unbiased: E[DC(ε) - estimate] = 0
+            assert abs(error.mean()) < 4 * error.std() / n_img ** 0.5, (step, c)
+
+
+def test_dc_prior_survives_respacing_and_none_changes_nothing(diffusion):
+    chain = diffusion.with_dc_prior([0.0] * 3, [0.1] * 3)
+    assert chain.respace(10).dc_prior is not None and diffusion.respace(10).dc_prior is None
+    torch.manual_seed(0)
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([5, 3000])
+    net = lambda x_t, t_: torch.cat([torch.randn_like(x_t), torch.zeros_like(x_t)], 1)
+    torch.manual_seed(1)
+    plain = diffusion.p_mean_variance(net, x, t)
+    torch.manual_seed(1)
+    fixed = chain.p_mean_variance(net, x, t)
+    assert not torch.allclose(plain["eps"], fixed["eps"])
+    torch.testing.assert_close(plain["eps"] - plain["eps"].mean(dim=(2, 3), keepdim=True),
+                               fixed["eps"] - fixed["eps"].mean(dim=(2, 3), keepdim=True))
