@@ -13,6 +13,9 @@ purpose: the Lipschitz factor is saved with the model (the official sampler sile
 left alone (the official code projects them to unit norm, which bounds nothing); zero-initialised layers are
 normalised as soon as they become non-zero (the official power iteration got stuck at u = v = 0).
 
+Mirror-equivariant head (ours, the CPU circles preset; not in [ZSI]): logits(x) = g(x) + swap(g(flip x)),
+so a mirrored image gets the swapped label by construction and p = 1/2 on every mirror-symmetric image.
+
 Temperature scaling [Guo et al. 2017]: one scalar T fitted on held-out logits by minimising the NLL, stored
 in the model as a buffer, reported with the 15-bin ECE before and after.
 """

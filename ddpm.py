@@ -10,6 +10,7 @@ Implements [ZSI] App. A, which follows [DDPM] and [IDDPM]:
   classifier guidance           [ADM Alg. 1]  = [ZSI eq. 2-3]     -> cond_fn argument of the samplers
   DDIM                          [DDIM eq. 12]                     -> Diffusion.ddim_sample_loop
   respacing                     [IDDPM sec. 4]                    -> Diffusion.respace
+  DC correction of ε̂ (ours, CPU preset; not in [ZSI])            -> Diffusion.dc_corrected_eps
 
 Symbol -> attribute (index 0 is the paper's t = 1, as in the official code):
   β_t -> betas        α_t -> alphas          ᾱ_t -> alphas_cumprod     ᾱ_{t-1} -> alphas_cumprod_prev

@@ -570,6 +570,7 @@ def main(argv=None):
     args = parse_args(argv)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
+        signal.signal(signal.SIGINT, _interrupt)   # also when started with SIGINT ignored (a `cmd &` in a script)
     try:
         rank, world, device = setup_distributed(resolve_device(args.device))
         if args.amp is None:
