@@ -369,7 +369,8 @@ def main(argv=None):
             classifiers.append(clf)
             lambdas.append(parse_lambdas(text, ccfg["classifier"]["num_classes"]))
         steps = config["sample_steps"] if args.steps is None else args.steps
-        dc = config.get("dc_correction", False) if args.dc_correction is None else args.dc_correction
+        dc_default = config.get("dc_correction", False)    # the run's choice; runs from before it: off
+        dc = dc_default if args.dc_correction is None else args.dc_correction
         diffusion = sampling_chain(diffusion, config, dc)
         cfg_classes = ckpt_io.backbone_config(config).get("num_classes", 0) - 1
         if args.cfg is not None and (cfg_classes < 1 or args.cfg != args.cfg):
@@ -395,7 +396,7 @@ def main(argv=None):
         tag = "_".join(f"{nm}{'-'.join(f'{v:g}' for v in l)}" for (nm, _), l in zip(named_paths, lambdas))
         tag = "_".join(filter(None, [tag, f"cfg{args.cfg:g}" if args.cfg is not None else ""])) or "unguided"
         mode = "interpolate_" if args.interpolate else "edit_" if args.edit else ""
-        dc_tag = "" if dc == config.get("dc_correction", False) else "_dc" if dc else "_nodc"
+        dc_tag = "" if dc == dc_default else "_dc" if dc else "_nodc"
         name = args.name or f"{mode}{tag}_steps{steps}{'_ddim' if args.ddim else ''}{dc_tag}_n{n}_seed{args.seed}"
         if args.interpolate or args.edit:
             inversion_inputs(args, config, n)       # fail on bad --images before any work

@@ -597,7 +597,6 @@ def main(argv=None):
             print(f"done: {out}", flush=True)
             return
         data = load_data(config["data"])  # fail on bad data before any work
-        config["dc_prior"] = channel_mean_stats(data[0])
         config["classifier"]["num_classes"] = max(2, int(data[1].max()) + 1)
         if args.cfg_dropout > 0:   # K classes + the null label K
             ckpt_io.backbone_config(config)["num_classes"] = config["classifier"]["num_classes"] + 1
@@ -608,6 +607,7 @@ def main(argv=None):
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
         if "ddpm" in what:
+            config["dc_prior"] = channel_mean_stats(data[0])   # saved with the DDPM; read by sample.sampling_chain
             if rank == 0:
                 ckpt_io.write_json(config, out / "config.json")
             train_ddpm(config, out, args, device, data, (rank, world))

@@ -211,8 +211,8 @@ def test_cpu_preset_circles_run_uses_dc_correction_and_mirror_head_and_both_can_
     assert cfg["dc_correction"] is True and len(cfg["dc_prior"]["mean"]) == 3 and max(cfg["dc_prior"]["var"]) < 1e-12
     assert json.loads((tiny_run / "classifier.json").read_text())["classifier"]["mirror_equivariant"] is True
     args = ("--run", tiny_run, "--lambdas", "30,30", "--num-samples", "2", "--steps", "3")
-    on = json.loads((run("sample.py", *args, "--name", "dc_on") and tiny_run / "samples" / "dc_on" / "report.json")
-                    .read_text())
+    run("sample.py", *args, "--name", "dc_on")
+    on = json.loads((tiny_run / "samples" / "dc_on" / "report.json").read_text())
     run("sample.py", *args)   # the default folder name has no tag; turning it off adds one
     run("sample.py", *args, "--no-dc-correction")
     off = json.loads((tiny_run / "samples" / "classifier30-30_steps3_nodc_n2_seed0" / "report.json").read_text())
