@@ -46,6 +46,7 @@ PRESETS = {
         unet=dict(model_channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, attention_resolutions=(8,),
                   num_heads=4),   # 0.72M params, ~640 ms/step at batch 64 (fp32, 2 cores); see RESULTS.md
         steps=1100, batch_size=64, lr=5e-4, ema=0.995,   # short run: larger lr, faster EMA
+        lr_decay=0.4,             # linear decay to 0 over the last 40% of the steps (RESULTS.md, session 5)
         clf=dict(model_channels=16, num_res_blocks=1, attention_resolutions=(8,), channel_mult=(1, 2, 2)),
         clf_steps=800, clf_batch_size=64, clf_lr=3e-4,
         eval_steps=1000, eval_width=16,
@@ -53,7 +54,7 @@ PRESETS = {
     "paper": dict(
         image_size=64,
         unet=dict(),              # UNetConfig defaults = the paper's 121M model
-        steps=250_000, batch_size=64, lr=1e-4, ema=0.9999,
+        steps=250_000, batch_size=64, lr=1e-4, ema=0.9999, lr_decay=0.0,
         clf=dict(model_channels=128, num_res_blocks=2, attention_resolutions=(32, 16, 8)),
         clf_steps=150_000, clf_batch_size=64, clf_lr=3e-4,
         eval_steps=100_000, eval_width=64,
@@ -99,6 +100,9 @@ def parse_args(argv=None):
     g.add_argument("--batch-size", type=int, default=None, help="global batch size, split across torchrun processes (default: preset)")
     g.add_argument("--lr", type=float, default=None, help="AdamW learning rate, no weight decay")
     g.add_argument("--ema", type=float, default=None, help="EMA rate of the sampled weights")
+    g.add_argument("--lr-decay", type=float, default=None,
+                   help="fraction of the steps at the end over which the lr decays linearly to 0 (0 = constant, "
+                        "the paper; default: preset)")
     g.add_argument("--diffusion-steps", type=int, default=4000, help="T of the cosine chain")
     g.add_argument("--arch", choices=("unet", "dit"), default="unet",
                    help="denoiser: the paper's attention U-Net, or a diffusion transformer (App. J)")
@@ -238,6 +242,7 @@ def build_config(args):
                                     learn_sigma=learned))} if args.arch == "dit" else {}),
         train=dict(steps=args.steps or preset["steps"], batch_size=args.batch_size or preset["batch_size"],
                    lr=args.lr or preset["lr"], ema=args.ema or preset["ema"], amp=args.amp, seed=args.seed,
+                   lr_decay=preset["lr_decay"] if args.lr_decay is None else args.lr_decay,
                    cfg_dropout=args.cfg_dropout,
                    flip=True, preset=args.preset),
         sample_steps=args.sample_steps or preset["sample_steps"],
@@ -277,9 +282,18 @@ def format_time(seconds):
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def lr_at(step, steps, lr, decay=0.0):
+    """Learning rate of optimizer step `step` (0-based): constant, then linear to 0 over the last `decay` of the steps."""
+    start = steps * (1 - decay)
+    if decay <= 0 or step < start:
+        return lr
+    return lr * max(0.0, (steps - step) / (steps - start))
+
+
 def fit(kind, model, loss_fn, batches, *, steps, lr, ema_rate, amp, device, path, config, resume,
-        log_every=100, ckpt_every=500, max_bad_steps=20, label=None, dist=(0, 1)):
-    """AdamW (no weight decay) with optional EMA, autocast and GradScaler; checkpoints `path` atomically.
+        log_every=100, ckpt_every=500, max_bad_steps=20, label=None, dist=(0, 1), lr_decay=0.0):
+    """AdamW (no weight decay, lr schedule `lr_at`) with optional EMA, autocast and GradScaler; checkpoints
+    `path` atomically.
 
     loss_fn(model, x, y, generator) -> (mean loss, dict of floats to log). Returns (model, ema).
     Resumes model, EMA, optimizer, scaler, RNG and step from `path` when `resume` and it exists.
@@ -345,6 +359,8 @@ def fit(kind, model, loss_fn, batches, *, steps, lr, ema_rate, amp, device, path
                                         f"the last good checkpoint is {path}")
                 continue
             bad = 0
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, steps, lr, lr_decay)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scale_before = scaler.get_scale() if scaler.is_enabled() else None
@@ -437,7 +453,7 @@ def train_ddpm(config, out, args, device, data, dist=(0, 1)):
     batches = Batches(images, labels, tc["batch_size"], flip=tc["flip"], seed=tc["seed"])
     num_classes = max(ckpt_io.backbone_config(config)["num_classes"] - 1, 0)
     _, ema = fit("ddpm", model, ddpm_loss(diffusion, num_classes, tc.get("cfg_dropout", 0.0)), batches, steps=tc["steps"], lr=tc["lr"],
-                 ema_rate=tc["ema"], amp=tc["amp"], device=device, path=out / "ddpm.pt",
+                 ema_rate=tc["ema"], amp=tc["amp"], device=device, path=out / "ddpm.pt", lr_decay=tc.get("lr_decay", 0.0),
                  config=dict(config, seed=tc["seed"]), resume=args.resume,
                  log_every=args.log_every, ckpt_every=args.ckpt_every, dist=dist)
     if args.eval_samples > 0 and dist[0] == 0:

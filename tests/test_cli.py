@@ -51,10 +51,12 @@ def test_resume_continues_from_the_checkpoint(tiny_run, tmp_path):
 
 
 def test_resume_is_equivalent_to_an_uninterrupted_run(tmp_path):
+    # constant lr: leg 1 of b stops at --steps 2, and a decaying lr depends on the --steps of the invocation
     a, b = tmp_path / "a", tmp_path / "b"
-    run("train.py", *TINY, "--out", a, "--steps", "4", "--what", "ddpm", "--eval-samples", "0")
-    run("train.py", *TINY, "--out", b, "--steps", "2", "--what", "ddpm", "--eval-samples", "0")
-    run("train.py", *TINY, "--out", b, "--steps", "4", "--what", "ddpm", "--eval-samples", "0", "--resume")
+    const = ("--what", "ddpm", "--eval-samples", "0", "--lr-decay", "0")
+    run("train.py", *TINY, "--out", a, "--steps", "4", *const)
+    run("train.py", *TINY, "--out", b, "--steps", "2", *const)
+    run("train.py", *TINY, "--out", b, "--steps", "4", *const, "--resume")
     sa, sb = (torch.load(p / "ddpm.pt", weights_only=True) for p in (a, b))
     for k in sa["model"]:
         torch.testing.assert_close(sa["model"][k], sb["model"][k], rtol=1e-5, atol=1e-6)
@@ -222,3 +224,21 @@ def test_cpu_preset_circles_run_uses_dc_correction_and_mirror_head_and_both_can_
         "--no-mirror-equivariant", "--no-dc-correction")
     assert json.loads((paper / "config.json").read_text())["dc_correction"] is False
     assert json.loads((paper / "classifier.json").read_text())["classifier"]["mirror_equivariant"] is False
+
+
+def test_lr_schedule_constant_then_linear_to_zero():
+    from train import lr_at
+    assert [lr_at(s, 10, 1.0) for s in range(10)] == [1.0] * 10                  # the paper: constant
+    lrs = [lr_at(s, 10, 1.0, decay=0.4) for s in range(10)]
+    assert lrs[:6] == [1.0] * 6 and lrs[6:] == pytest.approx([1.0, 0.75, 0.5, 0.25])
+    assert all(a >= b for a, b in zip(lrs, lrs[1:])) and lrs[-1] > 0
+
+
+def test_training_uses_the_decayed_lr_of_its_last_step(tmp_path):
+    from train import lr_at
+    out = tmp_path / "lr"
+    run("train.py", *TINY, "--out", out, "--steps", "5", "--what", "ddpm", "--eval-samples", "0",
+        "--lr", "1e-3", "--lr-decay", "0.4")
+    state = torch.load(out / "ddpm.pt", weights_only=True)
+    assert state["config"]["train"]["lr_decay"] == 0.4
+    assert state["opt"]["param_groups"][0]["lr"] == pytest.approx(lr_at(4, 5, 1e-3, 0.4)) == pytest.approx(5e-4)
