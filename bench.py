@@ -178,12 +178,12 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}, est. fp32 peak {cpu_peak_gflops():.0f} GFLOP/s")
     cpu = PRESETS["cpu"]
+    cpu_clf = ClassifierConfig(image_size=32, mirror_equivariant=True, **cpu["clf"])   # as train.py builds it
     if args.profile:
-        return profile(UNetConfig(image_size=32, **cpu["unet"]), ClassifierConfig(image_size=32, **cpu["clf"]),
-                       args.cpu_batch)
+        return profile(UNetConfig(image_size=32, **cpu["unet"]), cpu_clf, args.cpu_batch)
     print(HEADER)
     bench_config("cpu preset 32px", UNetConfig(image_size=32, **cpu["unet"]),
-                 ClassifierConfig(image_size=32, **cpu["clf"]), args.cpu_batch, modes, args.repeats, device)
+                 cpu_clf, args.cpu_batch, modes, args.repeats, device)
     if not args.skip_paper:
         bench_config("paper 64px", UNetConfig(), ClassifierConfig(), args.paper_batch, modes,
                      max(2, args.repeats // 2), device)

@@ -70,6 +70,7 @@ def test_guided_sampling_writes_samples_and_report(tiny_run):
     assert data["images"].shape == (6, 16, 16, 3) and data["images"].dtype == np.uint8
     report = json.loads((out / "report.json").read_text())
     assert 0 <= report["accuracy_middle"] <= 1 and report["num_samples"] == 6
+    assert report["batch_size"] == 4 and int(data["batch_size"]) == 4      # the samples depend on it
     for name in ("grid.png", "report.md", "histogram_x.png", "heatmaps.png"):
         assert (out / name).exists(), name
 
@@ -81,6 +82,7 @@ def test_same_seed_same_samples_and_new_folder_each_run(tiny_run):
     a = np.load(tiny_run / "samples" / "det" / "samples.npz")["images"]
     b = np.load(tiny_run / "samples" / "det-2" / "samples.npz")["images"]
     assert np.array_equal(a, b)
+    assert json.loads((tiny_run / "samples" / "det" / "report.json").read_text())["batch_size"] == 64   # CPU default
 
 
 @pytest.mark.parametrize("args,message", [
