@@ -441,7 +441,7 @@ def classifier_loss(diffusion):
 
 def train_ddpm(config, out, args, device, data, dist=(0, 1)):
     from evaluate import circle_metrics, write_report
-    from sample import default_batch_size, generate, sampling_chain
+    from sample import generate, sampling_chain
     images, labels = data
     if dist[0] == 0:
         save_grid(images[:64], out / "train_examples.png", nrow=8, scale=max(1, 128 // images.shape[1]))
@@ -462,8 +462,7 @@ def train_ddpm(config, out, args, device, data, dist=(0, 1)):
     if args.eval_samples > 0 and dist[0] == 0:
         ema.eval()
         samples = generate(ema, sampling_chain(diffusion, config).respace(config["sample_steps"]), args.eval_samples,
-                           batch_size=min(args.eval_samples, default_batch_size(device)), amp=tc["amp"], device=device, seed=tc["seed"],
-                           channels_last=True)
+                           amp=tc["amp"], device=device, seed=tc["seed"], channels_last=True)   # CPU: 64 per batch
         np.savez_compressed(out / "ddpm_samples.npz", images=samples)
         save_grid(samples[:100], out / "ddpm_samples.png", nrow=10, scale=max(1, 128 // samples.shape[1]))
         if config["data"]["name"] == "circles":
