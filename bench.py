@@ -23,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from classifier import ClassifierConfig
 from ddpm import DiffusionConfig
 from guidance import multi_guidance
-from train import PRESETS
+from train import build_config, parse_args as train_args
 from unet import UNetConfig, autocast, count_parameters
 
 
@@ -177,13 +177,12 @@ def main():
     modes = args.modes.split(",")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}, est. fp32 peak {cpu_peak_gflops():.0f} GFLOP/s")
-    cpu = PRESETS["cpu"]
-    cpu_clf = ClassifierConfig(image_size=32, mirror_equivariant=True, **cpu["clf"])   # as train.py builds it
+    demo = build_config(train_args(["--data", "circles"]))      # the demo's models, exactly as train.py builds them
+    cpu_unet, cpu_clf = UNetConfig(**demo["unet"]), ClassifierConfig(**demo["classifier"])
     if args.profile:
-        return profile(UNetConfig(image_size=32, **cpu["unet"]), cpu_clf, args.cpu_batch)
+        return profile(cpu_unet, cpu_clf, args.cpu_batch)
     print(HEADER)
-    bench_config("cpu preset 32px", UNetConfig(image_size=32, **cpu["unet"]),
-                 cpu_clf, args.cpu_batch, modes, args.repeats, device)
+    bench_config("cpu preset 32px", cpu_unet, cpu_clf, args.cpu_batch, modes, args.repeats, device)
     if not args.skip_paper:
         bench_config("paper 64px", UNetConfig(), ClassifierConfig(), args.paper_batch, modes,
                      max(2, args.repeats // 2), device)
