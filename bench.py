@@ -11,9 +11,10 @@ the machine's fp32 peak (cores × FLOP/cycle × clock: 32 FLOP/cycle with AVX2+F
 wraps the U-Net and classifier in torch.compile (its one-off compile time is printed). Peak memory: CUDA's
 max allocated, or on CPU the process's maximum resident set so far (monotone across rows).
 """
-import resource
 import argparse
 import copy
+import math
+import resource
 import statistics
 import time
 
@@ -131,9 +132,14 @@ HEADER = ("| config | params | mode | batch | train ms/step | train img/s | trai
           "|---|---|---|---|---|---|---|---|---|---|---|")
 
 
+def share_of_peak(gflops, peak):
+    """"(56%)" of the CPU's estimated fp32 peak; "(GPU)" where no peak is estimated (CUDA rows)."""
+    return f"({100 * gflops / peak:.0f}%)" if math.isfinite(peak) else "(GPU)"
+
+
 def format_row(r):
     return (f"| {r['config']} | {r['params']} | {r['mode']} | {r['batch']} | {r['train_ms']:.0f} | "
-            f"{r['train_img_s']:.1f} | {r['gflops']:.1f} ({100 * r['gflops'] / r['peak']:.0f}%) | "
+            f"{r['train_img_s']:.1f} | {r['gflops']:.1f} {share_of_peak(r['gflops'], r['peak'])} | "
             f"{r['guided_ms']:.0f} | {r['unguided_ms']:.0f} | {r['guided_ms'] / r['unguided_ms']:.2f} | "
             f"{r['peak_gib']:.2f} |")
 
@@ -165,7 +171,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--cpu-batch", type=int, default=64, help="batch of the CPU-preset rows")
+    p.add_argument("--cpu-batch", type=int, default=None, help="batch of the CPU-preset rows (default: the preset's)")
     p.add_argument("--paper-batch", type=int, default=2, help="batch of the paper-config rows")
     p.add_argument("--modes", default="fp32,amp,channels_last,compile",
                    help="comma-separated: fp32, amp, channels_last, compile")
@@ -175,14 +181,17 @@ def main():
     args = p.parse_args()
     device = torch.device(args.device)
     modes = args.modes.split(",")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, "
-          f"CPU capability {torch.backends.cpu.get_cpu_capability()}, est. fp32 peak {cpu_peak_gflops():.0f} GFLOP/s")
+    where = (f"device {torch.cuda.get_device_name(device)} (cuDNN/cuBLAS defaults: fp32 convolutions may use TF32)"
+             if device.type == "cuda" else f"CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+                                            f"est. fp32 peak {cpu_peak_gflops():.0f} GFLOP/s")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {where}")
     demo = build_config(train_args(["--data", "circles"]))      # the demo's models, exactly as train.py builds them
     cpu_unet, cpu_clf = UNetConfig(**demo["unet"]), ClassifierConfig(**demo["classifier"])
     if args.profile:
-        return profile(cpu_unet, cpu_clf, args.cpu_batch)
+        return profile(cpu_unet, cpu_clf, args.cpu_batch or demo["train"]["batch_size"])
     print(HEADER)
-    bench_config("cpu preset 32px", cpu_unet, cpu_clf, args.cpu_batch, modes, args.repeats, device)
+    cpu_batch = args.cpu_batch or demo["train"]["batch_size"]
+    bench_config("cpu preset 32px", cpu_unet, cpu_clf, cpu_batch, modes, args.repeats, device)
     if not args.skip_paper:
         bench_config("paper 64px", UNetConfig(), ClassifierConfig(), args.paper_batch, modes,
                      max(2, args.repeats // 2), device)

@@ -16,7 +16,7 @@ def slerp(z0, z1, alpha):
     cos = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12)
     theta = torch.arccos(cos.clamp(-1, 1))[:, None]
     sin = torch.sin(theta)
-    lerp_w = torch.tensor([[1 - alpha, alpha]], dtype=a.dtype)
+    lerp_w = torch.tensor([[1 - alpha, alpha]], dtype=a.dtype, device=a.device)
     w0 = torch.where(sin > 1e-6, torch.sin((1 - alpha) * theta) / sin, lerp_w[:, :1])
     w1 = torch.where(sin > 1e-6, torch.sin(alpha * theta) / sin, lerp_w[:, 1:])
     return (w0 * a + w1 * b).view_as(z0)

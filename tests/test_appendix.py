@@ -22,6 +22,12 @@ def test_slerp_endpoints_norm_and_midpoint():
     torch.testing.assert_close(slerp(e0, 2 * e0, 0.5), 1.5 * e0)
 
 
+def test_slerp_keeps_the_latents_device():
+    # Found on a GPU: the lerp fallback weights were made on the CPU. "meta" tensors catch a mixed-device op here.
+    a, b = torch.randn(2, 3, 4, 4, device="meta"), torch.randn(2, 3, 4, 4, device="meta")
+    assert slerp(a, b, 0.3).device.type == "meta"
+
+
 def test_interpolate_writes_the_strip_and_positions(tiny_run):  # noqa: F811
     run("sample.py", "--run", tiny_run, "--interpolate", "--points", "3", "--steps", "4", "--name", "interp")
     out = tiny_run / "samples" / "interp"

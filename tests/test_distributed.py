@@ -12,7 +12,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     # The mirror-equivariant head leaves some gradients exactly 0 by symmetry (e.g. b_0 + b_1 of the last layer);
     # Adam turns their ~1e-9 rounding noise, which depends on the summation order, into ±lr steps: plain head here.
     common = [*TINY, "--steps", "3", "--classifier-steps", "2", "--batch-size", "8", "--classifier-batch-size", "8",
-              "--eval-samples", "0", "--no-mirror-equivariant"]
+              "--eval-samples", "0", "--no-mirror-equivariant", "--device", "cpu"]   # gloo, also on GPU machines
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     run("train.py", *common, "--out", single)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -34,14 +34,15 @@ def test_two_process_ddp_matches_one_process(tmp_path):
 
 def test_global_batch_must_split_evenly(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(ROOT / "train.py"), *TINY, "--steps", "1", "--batch-size", "7",
+                           str(ROOT / "train.py"), *TINY, "--steps", "1", "--batch-size", "7", "--device", "cpu",
                            "--out", str(tmp_path / "x")], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode != 0 and "not divisible by the 2 processes" in proc.stderr
 
 
 def test_sampling_sharded_over_two_processes_gives_the_same_samples(tiny_run):  # noqa: F811
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
-    common = ["--run-dir", str(tiny_run), "--lambdas", "30,30", "--num-samples", "5", "--batch-size", "2", "--steps", "3"]
+    common = ["--run-dir", str(tiny_run), "--lambdas", "30,30", "--num-samples", "5", "--batch-size", "2", "--steps", "3",
+              "--device", "cpu"]
     one = subprocess.run([sys.executable, str(ROOT / "sample.py"), *common, "--name", "one"], capture_output=True,
                          text=True, cwd=ROOT, timeout=300, env=env)
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -52,3 +53,16 @@ def test_sampling_sharded_over_two_processes_gives_the_same_samples(tiny_run):  
     assert a.shape == b.shape == (5, 16, 16, 3)
     assert np.array_equal(a, b)                     # batch b's noise depends on (seed, b) only
     assert not (tiny_run / "samples" / "two-2").exists()              # rank 0 alone writes
+
+
+def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
+    # Seen on a 1-GPU machine: a 2-process torchrun put rank 1 on cuda:1, which does not exist.
+    import pytest
+    import train
+    from data import DataError
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(DataError, match="--nproc_per_node 1, or --device cpu"):
+        train.setup_distributed(torch.device("cuda"))
