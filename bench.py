@@ -94,7 +94,8 @@ def bench_config(name, unet_cfg, clf_cfg, batch, modes, repeats, device):
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
-            torch._foreach_lerp_(ema_params, params, 1e-4)
+            with torch.no_grad():
+                torch._foreach_lerp_(ema_params, params, 1e-4)
 
         cond_fn = multi_guidance([clf_net], [[30.0, 30.0]])
         ts = torch.full((batch,), 32, dtype=torch.long, device=device)

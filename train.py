@@ -370,7 +370,8 @@ def fit(kind, model, loss_fn, batches, *, steps, lr, ema_rate, amp, device, path
             scaler.step(opt)
             scaler.update()
             if ema is not None and (scale_before is None or scaler.get_scale() >= scale_before):
-                torch._foreach_lerp_(ema_params, params, 1 - ema_rate)   # ema <- rate·ema + (1-rate)·θ
+                with torch.no_grad():   # else every EMA tensor joins the autograd graph, one node per step
+                    torch._foreach_lerp_(ema_params, params, 1 - ema_rate)   # ema <- rate·ema + (1-rate)·θ
             step += 1
             if step % log_every == 0 or step == steps:
                 rate = (step - step0) / max(time.time() - t0, 1e-9)

@@ -84,3 +84,21 @@ def test_sample_bad_numbers_are_one_line_errors(small_run, args, message):
     proc = run("sample.py", "--run", out, *args, ok=False)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (out / "samples").exists()
+
+
+def test_ema_weights_stay_leaves_outside_the_autograd_graph(tmp_path):
+    # The EMA update once ran with grad enabled: each step chained the EMA tensors to the model's parameters in
+    # the autograd graph (one node per parameter per step, a leak over a 250k-step run).
+    import numpy as np
+    import torch
+    import train
+    from data import Batches
+    images = np.random.default_rng(0).integers(0, 256, (8, 4, 4, 3), dtype=np.uint8)
+    batches = Batches(images, np.zeros(8, dtype=np.int64), 4, seed=0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 1))
+    loss_fn = lambda net, x, y, gen, part: (net(x).pow(2).mean(), {})
+    _, ema = train.fit("ddpm", model, loss_fn, batches, steps=3, lr=1e-2, ema_rate=0.5, amp=False,
+                       device=torch.device("cpu"), path=tmp_path / "m.pt", config={"seed": 0}, resume=False)
+    for p_ema, p in zip(ema.parameters(), model.parameters()):
+        assert p_ema.is_leaf and not p_ema.requires_grad and p_ema.grad_fn is None
+        assert not torch.equal(p_ema, p)      # the EMA did move, and lags the model
