@@ -188,10 +188,10 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {where}")
     demo = build_config(train_args(["--data", "circles"]))      # the demo's models, exactly as train.py builds them
     cpu_unet, cpu_clf = UNetConfig(**demo["unet"]), ClassifierConfig(**demo["classifier"])
-    if args.profile:
-        return profile(cpu_unet, cpu_clf, args.cpu_batch or demo["train"]["batch_size"])
-    print(HEADER)
     cpu_batch = args.cpu_batch or demo["train"]["batch_size"]
+    if args.profile:
+        return profile(cpu_unet, cpu_clf, cpu_batch)
+    print(HEADER)
     bench_config("cpu preset 32px", cpu_unet, cpu_clf, cpu_batch, modes, args.repeats, device)
     if not args.skip_paper:
         bench_config("paper 64px", UNetConfig(), ClassifierConfig(), args.paper_batch, modes,
