@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from classifier import ClassifierConfig
 from ddpm import DiffusionConfig
 from guidance import multi_guidance
-from train import build_config, parse_args as train_args
+from train import build_config, ema_update, parse_args as train_args
 from unet import UNetConfig, autocast, count_parameters
 
 
@@ -94,8 +94,7 @@ def bench_config(name, unet_cfg, clf_cfg, batch, modes, repeats, device):
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
-            with torch.no_grad():
-                torch._foreach_lerp_(ema_params, params, 1e-4)
+            ema_update(ema_params, params, 0.9999)
 
         cond_fn = multi_guidance([clf_net], [[30.0, 30.0]])
         ts = torch.full((batch,), 32, dtype=torch.long, device=device)

@@ -293,6 +293,12 @@ def lr_at(step, steps, lr, decay=0.0):
     return lr * max(0.0, (steps - step) / (steps - start))
 
 
+@torch.no_grad()   # with grad on, every EMA tensor would join the autograd graph, one node per step
+def ema_update(ema_params, params, rate):
+    """ema <- rate·ema + (1 - rate)·θ, in place."""
+    torch._foreach_lerp_(ema_params, params, 1 - rate)
+
+
 def fit(kind, model, loss_fn, batches, *, steps, lr, ema_rate, amp, device, path, config, resume,
         log_every=100, ckpt_every=500, max_bad_steps=20, label=None, dist=(0, 1), lr_decay=0.0):
     """AdamW (no weight decay, lr schedule `lr_at`) with optional EMA, autocast and GradScaler; checkpoints
@@ -370,8 +376,7 @@ def fit(kind, model, loss_fn, batches, *, steps, lr, ema_rate, amp, device, path
             scaler.step(opt)
             scaler.update()
             if ema is not None and (scale_before is None or scaler.get_scale() >= scale_before):
-                with torch.no_grad():   # else every EMA tensor joins the autograd graph, one node per step
-                    torch._foreach_lerp_(ema_params, params, 1 - ema_rate)   # ema <- rate·ema + (1-rate)·θ
+                ema_update(ema_params, params, ema_rate)
             step += 1
             if step % log_every == 0 or step == steps:
                 rate = (step - step0) / max(time.time() - t0, 1e-9)
