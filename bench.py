@@ -1,15 +1,17 @@
 """Benchmark: ms per DDPM training step and per guided sampling step, fp32 / AMP / channels_last / compile.
 
-  python bench.py                       # CPU preset (batch 64) and the paper's 121M U-Net (batch 2)
+  python bench.py                       # CPU preset (its batch, 32) and the paper's 121M U-Net (batch 2)
   python bench.py --device cuda --paper-batch 64
 
 A training step is forward + backward + AdamW + EMA update of the U-Net on L_hybrid; a guided sampling
 step is one U-Net forward plus one classifier forward+backward (multi-guidance, λ = 30, 30), exactly what
-sample.py runs per respaced step. Timing: warm-up, then the median of --repeats runs. GFLOP/s counts the
+sample.py runs per respaced step. Timing: warm-up, then the median of --repeats runs, all modes and steps
+round-robin so that the machine's drift hits every mode alike. GFLOP/s counts the
 convolutions and matmuls with torch.utils.flop_counter (what the hardware must at least do), compared with
 the machine's fp32 peak (cores × FLOP/cycle × clock: 32 FLOP/cycle with AVX2+FMA, 64 with AVX-512). "compile"
 wraps the U-Net and classifier in torch.compile (its one-off compile time is printed). Peak memory: CUDA's
-max allocated, or on CPU the process's maximum resident set so far (monotone across rows).
+max allocated after the mode's first steps, or on CPU the process's maximum resident set so far (monotone
+across rows).
 """
 import argparse
 import copy
@@ -28,18 +30,32 @@ from train import build_config, ema_update, parse_args as train_args
 from unet import UNetConfig, autocast, count_parameters
 
 
-def timed(fn, repeats, device):
-    fn()                                     # warm-up (allocations, kernel selection)
-    times = []
-    for _ in range(repeats):
+def timed(fns, repeats, device, warmup_s=3.0):
+    """Median seconds per call of each function in `fns` (name -> fn), timed round-robin.
+
+    Each function is first warmed up (>= 3 calls and >= warmup_s seconds: allocator growth, kernel selection),
+    then the repeats interleave the functions, so that a drift of the machine's speed (this 2-core VM varies by
+    ±20% within minutes) hits every mode alike instead of favouring whichever ran last.
+    """
+    def once(fn):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        return time.perf_counter() - t0
+
+    for fn in fns.values():
+        t0, calls = time.perf_counter(), 0
+        while calls < 3 or time.perf_counter() - t0 < warmup_s:
+            fn()
+            calls += 1
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(once(fn))
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def count_flops(fn):
@@ -65,64 +81,78 @@ def peak_memory_gib(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20      # kB -> GiB
 
 
-def bench_config(name, unet_cfg, clf_cfg, batch, modes, repeats, device):
+def mode_steps(mode, unet_cfg, clf_cfg, batch, diffusion, sampler, device):
+    """(train_step, guided_step, unguided_step, model) for one mode, each a closure over its own models."""
+    amp, channels_last, compiled = mode == "amp", mode == "channels_last", mode == "compile"
+    torch.manual_seed(0)
+    model = unet_cfg.build().to(device)
+    clf = clf_cfg.build().to(device).eval()
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model, ema = model.to(memory_format=fmt), ema.to(memory_format=fmt)
+    x = torch.randn(batch, unet_cfg.in_channels, unet_cfg.image_size, unet_cfg.image_size,
+                    device=device).contiguous(memory_format=fmt)
+    t = torch.randint(0, diffusion.num_steps, (batch,), device=device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
+    params, ema_params = list(model.parameters()), list(ema.parameters())
+    train_model, ema_net, clf_net = model, ema, clf
+    if compiled:
+        train_model, ema_net, clf_net = torch.compile(model), torch.compile(ema), torch.compile(clf)
+
+    def train_step():
+        with autocast(device, amp):
+            loss = diffusion.training_losses(train_model, x, t)["loss"].mean()
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        ema_update(ema_params, params, 0.9999)
+
+    cond_fn = multi_guidance([clf_net], [[30.0, 30.0]])
+    ts = torch.full((batch,), 32, dtype=torch.long, device=device)
+
+    def net(xx, tt):
+        with autocast(device, amp):
+            return ema_net(xx, tt)
+
+    def sample_step(guided=True):
+        with torch.no_grad():
+            sampler.p_sample(net, x, ts, cond_fn=cond_fn if guided else None)
+
+    if compiled:
+        t0 = time.perf_counter()
+        train_step(), sample_step(), sample_step(False)
+        print(f"  compile: {time.perf_counter() - t0:.0f} s of one-off compilation", flush=True)
+    return train_step, sample_step, lambda: sample_step(False), model
+
+
+def bench_config(name, unet_cfg, clf_cfg, batch, modes, repeats, device, warmup_s=3.0):
+    """One row per mode; all modes' steps are timed round-robin (see `timed`)."""
     diffusion = DiffusionConfig().build()
     sampler = diffusion.respace(64)
-    rows = []
+    steps, models, peaks = {}, {}, {}
     for mode in modes:
-        amp, channels_last, compiled = mode == "amp", mode == "channels_last", mode == "compile"
-        torch.manual_seed(0)
-        model = unet_cfg.build().to(device)
-        clf = clf_cfg.build().to(device).eval()
-        ema = copy.deepcopy(model).requires_grad_(False)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        model, ema = model.to(memory_format=fmt), ema.to(memory_format=fmt)
-        x = torch.randn(batch, unet_cfg.in_channels, unet_cfg.image_size, unet_cfg.image_size,
-                        device=device).contiguous(memory_format=fmt)
-        t = torch.randint(0, diffusion.num_steps, (batch,), device=device)
-        scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
-        params, ema_params = list(model.parameters()), list(ema.parameters())
-        train_model, ema_net, clf_net = model, ema, clf
-        if compiled:
-            train_model, ema_net, clf_net = torch.compile(model), torch.compile(ema), torch.compile(clf)
-
-        def train_step():
-            with autocast(device, amp):
-                loss = diffusion.training_losses(train_model, x, t)["loss"].mean()
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            ema_update(ema_params, params, 0.9999)
-
-        cond_fn = multi_guidance([clf_net], [[30.0, 30.0]])
-        ts = torch.full((batch,), 32, dtype=torch.long, device=device)
-
-        def net(xx, tt):
-            with autocast(device, amp):
-                return ema_net(xx, tt)
-
-        def sample_step(guided=True):
-            with torch.no_grad():
-                sampler.p_sample(net, x, ts, cond_fn=cond_fn if guided else None)
-
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        if compiled:
-            t0 = time.perf_counter()
-            train_step(), sample_step(), sample_step(False)
-            print(f"  compile: {time.perf_counter() - t0:.0f} s of one-off compilation", flush=True)
-        train_s = timed(train_step, repeats, device)
-        guided_s = timed(sample_step, repeats, device)
-        unguided_s = timed(lambda: sample_step(False), repeats, device)
-        peak = peak_memory_gib(device)
+        train, guided, unguided, models[mode] = mode_steps(mode, unet_cfg, clf_cfg, batch, diffusion, sampler, device)
+        steps.update({(mode, "train"): train, (mode, "guided"): guided, (mode, "unguided"): unguided})
+        train(), guided(), unguided()
+        peaks[mode] = peak_memory_gib(device)
+    print(f"  timing {len(steps)} steps round-robin, {repeats} repeats ...", flush=True)
+    secs = timed(steps, repeats, device, warmup_s)
+    rows = []
+    for mode in modes:
+        model = models[mode]
+        x = torch.randn(batch, unet_cfg.in_channels, unet_cfg.image_size, unet_cfg.image_size, device=device)
+        t = torch.randint(0, diffusion.num_steps, (batch,), device=device)
         flops = count_flops(lambda: diffusion.training_losses(model, x, t)["loss"].mean().backward())  # eager:
-        opt.zero_grad(set_to_none=True)                                   # the same work in every mode
+        model.zero_grad(set_to_none=True)                                   # the same work in every mode
+        train_s = secs[mode, "train"]
         rows.append(dict(config=name, params=f"{count_parameters(model) / 1e6:.2f}M", mode=mode, batch=batch,
                          train_ms=1e3 * train_s, train_img_s=batch / train_s, gflops=flops / train_s / 1e9,
-                         guided_ms=1e3 * guided_s, unguided_ms=1e3 * unguided_s, peak_gib=peak,
-                         peak=cpu_peak_gflops() if device.type == "cpu" else float("nan")))
+                         guided_ms=1e3 * secs[mode, "guided"], unguided_ms=1e3 * secs[mode, "unguided"],
+                         peak_gib=peaks[mode], peak=cpu_peak_gflops() if device.type == "cpu" else float("nan")))
         print(format_row(rows[-1]), flush=True)
     return rows
 

@@ -1,0 +1,29 @@
+"""bench.py: the timing helper interleaves what it compares, and a tiny table can be produced (no timings asserted)."""
+import math
+
+import torch
+
+from bench import bench_config, timed
+from classifier import ClassifierConfig
+from unet import UNetConfig
+
+
+def test_timed_warms_up_then_interleaves_the_functions_round_robin():
+    calls = []
+    fns = {name: (lambda n=name: calls.append(n)) for name in ("a", "b", "c")}
+    secs = timed(fns, repeats=4, device=torch.device("cpu"), warmup_s=0.0)
+    assert calls[:9] == ["a"] * 3 + ["b"] * 3 + ["c"] * 3          # warm-up: each function on its own
+    assert calls[9:] == ["a", "b", "c"] * 4                           # timing: round-robin, one call per turn
+    assert set(secs) == {"a", "b", "c"} and all(s >= 0 for s in secs.values())
+
+
+def test_bench_config_gives_one_finite_row_per_mode():
+    unet = UNetConfig(image_size=16, model_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                      attention_resolutions=(8,), num_heads=2)
+    clf = ClassifierConfig(image_size=16, model_channels=8, num_res_blocks=1, attention_resolutions=(8,),
+                           channel_mult=(1, 2), num_classes=2)
+    rows = bench_config("tiny", unet, clf, batch=2, modes=["fp32", "channels_last"], repeats=1,
+                        device=torch.device("cpu"), warmup_s=0.0)
+    assert [r["mode"] for r in rows] == ["fp32", "channels_last"]
+    for r in rows:
+        assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("train_ms", "guided_ms", "unguided_ms", "gflops"))
