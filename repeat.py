@@ -5,7 +5,7 @@
 
 For each variant and seed s it trains a guidance classifier `<variant>_seed<s>` in the run folder (the DDPM is
 shared, as in the paper; an existing classifier is resumed/reused), samples --num-samples images with
-multi-guidance and evaluates them. Writes <run>/repeats.md and repeats.json: per seed, and mean ± std of the
+multi-guidance and evaluates them. Writes <run>/repeats<tag>.md and repeats<tag>.json: per seed, and mean ± std of the
 accuracy (one circle, centre x/W in [0.2, 0.8]) and of the 0/2+-circle rate, plus an unguided reference.
 """
 import argparse
@@ -32,6 +32,8 @@ def main(argv=None):
     p.add_argument("--lambdas", default="30,30", help="multi-guidance weights")
     p.add_argument("--num-samples", type=int, default=1000)
     p.add_argument("--train-args", default="", help="extra train.py flags for the classifiers, quoted")
+    p.add_argument("--tag", default="", help="suffix of the classifier names (<variant><tag>_seed<s>): give one with "
+                                             "--train-args, or the classifiers of an earlier repeat are reused")
     p.add_argument("--sample-args", default="", help="extra sample.py flags, quoted")
     args = p.parse_args(argv)
     run = Path(args.run)
@@ -40,25 +42,28 @@ def main(argv=None):
     if unknown:
         p.error(f"--variants {unknown} unknown; choose from {list(VARIANTS)}")
     extra_sample = shlex.split(args.sample_args) + ["--num-samples", str(args.num_samples), "--run", str(run)]
+    if args.train_args and not args.tag:
+        p.error("--train-args changes the classifiers: give them a --tag (e.g. --tag _b32) so that classifiers "
+                "trained earlier under the same names are not reused")
     results = {}
     ref = sample.main(["--name", "repeat_unguided", "--overwrite", *extra_sample])
     results["unguided"] = [json.loads((ref / "report.json").read_text())]
     for variant in variants:
-        results[variant] = []
+        results[variant + args.tag] = []
         for seed in range(args.first_seed, args.first_seed + args.seeds):
-            name = f"{variant}_seed{seed}"
+            name = f"{variant}{args.tag}_seed{seed}"
             train.main(["--out", str(run), "--what", "classifier", "--seed", str(seed), "--classifier-name", name,
                         "--resume", *VARIANTS[variant], *shlex.split(args.train_args)])
             out = sample.main(["--classifier", name, "--lambdas", args.lambdas, "--name", f"repeat_{name}",
                                "--overwrite", *extra_sample])
-            results[variant].append(dict(json.loads((out / "report.json").read_text()), seed=seed))
+            results[variant + args.tag].append(dict(json.loads((out / "report.json").read_text()), seed=seed))
             write_tables(run, results, args)
     write_tables(run, results, args)
 
 
 def write_tables(run, results, args):
     lines = [f"# Circles over seeds: λ = {args.lambdas}, {args.num_samples} samples each", "",
-             "| variant | runs | accuracy (middle) mean ± std | 0 or 2+ circles mean ± std | per seed (accuracy) |",
+             "| variant | runs | accuracy (middle) mean ± std | 0 or 2+ circles mean ± std | per seed: middle / none / 2+ (%) |",
              "|---|---|---|---|---|"]
     summary = {}
     for variant, rows in results.items():
@@ -69,11 +74,12 @@ def write_tables(run, results, args):
                                 invalid_mean=bad.mean(), invalid_std=std(bad), per_seed=rows)
         lines.append(f"| {variant} | {len(rows)} | {100 * acc.mean():.1f}% ± {100 * std(acc):.1f} | "
                      f"{100 * bad.mean():.1f}% ± {100 * std(bad):.1f} | "
-                     + ", ".join(f"{100 * a:.0f}" for a in acc) + " |")
+                     + ", ".join(f"{100 * r['accuracy_middle']:.1f} / {100 * r['zero_circles']:.1f} / "
+                                 f"{100 * r['multi_circles']:.1f}" for r in rows) + " |")
     lines += ["", "std: sample standard deviation over runs (ddof=1). Paper (10 runs, 64px): 78% ± 8.7 "
               "(plain), 75% ± 13.3 (spectral norm), 4.25% ± 2.45 with 0 or 2 circles."]
-    (run / "repeats.md").write_text("\n".join(lines) + "\n")
-    (run / "repeats.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
+    (run / f"repeats{args.tag}.md").write_text("\n".join(lines) + "\n")
+    (run / f"repeats{args.tag}.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
     print("\n".join(lines), flush=True)
 
 

@@ -148,15 +148,20 @@ def test_repeat_over_seeds_writes_mean_and_std(tiny_run, tmp_path):
     import shutil
     run_dir = tmp_path / "rep"
     shutil.copytree(tiny_run, run_dir)
-    run("repeat.py", "--run", run_dir, "--seeds", "2", "--num-samples", "2",
+    run("repeat.py", "--run", run_dir, "--seeds", "2", "--num-samples", "2", "--tag", "_t",
         "--train-args=--classifier-steps 2 --classifier-width 8", "--sample-args=--steps 2")
-    summary = json.loads((run_dir / "repeats.json").read_text())
-    assert set(summary) == {"unguided", "plain", "sn"}
-    assert summary["plain"]["runs"] == 2 and summary["sn"]["runs"] == 2
-    assert 0 <= summary["plain"]["accuracy_mean"] <= 1 and summary["plain"]["accuracy_std"] >= 0
+    summary = json.loads((run_dir / "repeats_t.json").read_text())
+    assert set(summary) == {"unguided", "plain_t", "sn_t"}
+    assert summary["plain_t"]["runs"] == 2 and summary["sn_t"]["runs"] == 2
+    assert 0 <= summary["plain_t"]["accuracy_mean"] <= 1 and summary["plain_t"]["accuracy_std"] >= 0
     for variant, seed in (("plain", 1), ("plain", 2), ("sn", 1), ("sn", 2)):
-        assert (run_dir / f"{variant}_seed{seed}.pt").exists()
-    assert "mean ± std" in (run_dir / "repeats.md").read_text()
+        assert (run_dir / f"{variant}_t_seed{seed}.pt").exists()
+    assert "mean ± std" in (run_dir / "repeats_t.md").read_text()
+
+
+def test_repeat_with_changed_classifiers_needs_a_tag(tiny_run):
+    proc = run("repeat.py", "--run", tiny_run, "--train-args=--classifier-steps 2", ok=False)
+    assert proc.returncode == 2 and "--tag" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("variance,small", [("small", True), ("large", False)])
