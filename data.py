@@ -284,11 +284,17 @@ class Batches:
 
     flip: random horizontal flips; flip_labels swaps class 0 and 1 of the flipped examples (circles: the
     mirror image of a left circle is a right circle). shard=(rank, world) keeps every world-th example.
+    intensity=a < 1: each image's pixels are brought towards black, x -> -1 + s (x + 1) with s ~ U(a, 1)
+    (circles: dim discs keep their label, so a classifier cannot read "dim" as "in between"; not in the paper).
     """
 
-    def __init__(self, images, labels, batch_size, flip=False, flip_labels=False, seed=0, shard=(0, 1)):
+    def __init__(self, images, labels, batch_size, flip=False, flip_labels=False, seed=0, shard=(0, 1),
+                 intensity=1.0):
         if batch_size < 1:
             raise DataError(f"batch size must be at least 1, got {batch_size}")
+        if not 0 <= intensity <= 1:
+            raise DataError(f"intensity augmentation takes a minimum scale in [0, 1] (1 = off), got {intensity}")
+        self.intensity = intensity
         rank, world = shard
         self.images = torch.as_tensor(images[rank::world]).permute(0, 3, 1, 2).contiguous()
         self.labels = torch.as_tensor(labels[rank::world])
@@ -309,6 +315,9 @@ class Batches:
             x[flip] = x[flip].flip(-1)
             if self.flip_labels:
                 y[flip] = 1 - y[flip]
+        if self.intensity < 1:
+            s = self.intensity + (1 - self.intensity) * torch.rand(self.batch_size, 1, 1, 1, generator=self.generator)
+            x = s * (x + 1) - 1
         return x, y
 
 

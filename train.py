@@ -144,6 +144,9 @@ def parse_args(argv=None):
     g.add_argument("--classifier-augment", choices=("none", "flip", "mirror"), default=None,
                    help="none (official for circles, the default there); flip (h-flip, the default for CelebA and "
                         "folders); mirror (h-flip and swap labels 0/1)")
+    g.add_argument("--classifier-intensity", type=float, default=1.0,
+                   help="train the classifier on images dimmed towards black by a factor ~ U(A, 1) (circles: a dim "
+                        "disc keeps its side's label; not in the paper); 1 = off")
     g = p.add_argument_group("evaluation classifier and extreme-subset filter (celeba, App. D)")
     g.add_argument("--eval-steps", type=int, default=None, help="training steps of each clean classifier")
     g.add_argument("--eval-width", type=int, default=None, help="base width of the clean classifier (ResNet)")
@@ -234,6 +237,9 @@ def build_config(args):
             raise DataError(f"{name} must be a positive integer, got {value}")
     if args.lr_decay is not None and not 0 <= args.lr_decay <= 1:
         raise DataError(f"--lr-decay is the fraction of the steps with a decaying lr, in [0, 1]; got {args.lr_decay}")
+    if not 0 <= args.classifier_intensity <= 1:
+        raise DataError(f"--classifier-intensity is the smallest dimming factor, in [0, 1] (1 = off); "
+                        f"got {args.classifier_intensity}")
     return dict(
         data=data,
         diffusion=asdict(DiffusionConfig(num_steps=args.diffusion_steps, vb_scale=args.vb_scale,
@@ -254,7 +260,8 @@ def build_config(args):
         classifier_train=dict(steps=args.classifier_steps or preset["clf_steps"],
                               batch_size=args.classifier_batch_size or preset["clf_batch_size"],
                               lr=args.classifier_lr or preset["clf_lr"], seed=args.seed,
-                              augment=args.classifier_augment or ("none" if args.data in ("circles", "sizes") else "flip")),
+                              augment=args.classifier_augment or ("none" if args.data in ("circles", "sizes") else "flip"),
+                              intensity=args.classifier_intensity),
     )
 
 
@@ -491,10 +498,11 @@ def train_classifier(config, out, args, device, name, data, dist=(0, 1)):
     model = ckpt_io.build_classifier(config).to(device)
     sn = " with spectral norm (lipschitz %g)" % config["classifier"]["lipschitz"] if config["classifier"]["spectral_norm"] else ""
     print(f"[{name}] classifier {count_parameters(model) / 1e6:.2f}M parameters{sn}, "
-          f"{ctrain['steps']} steps, augment {ctrain['augment']}", flush=True)
+          f"{ctrain['steps']} steps, augment {ctrain['augment']}"
+          + (f", intensity U({ctrain['intensity']:g}, 1)" if ctrain.get("intensity", 1.0) < 1 else ""), flush=True)
     augment = ctrain["augment"]
     batches = Batches(images, labels, ctrain["batch_size"], flip=augment != "none", flip_labels=augment == "mirror",
-                      seed=ctrain["seed"])
+                      seed=ctrain["seed"], intensity=ctrain.get("intensity", 1.0))
     clf_config = dict(data=config["data"], diffusion=config["diffusion"], classifier=config["classifier"],
                       train=ctrain, seed=ctrain["seed"])
     model, _ = fit("classifier", model, classifier_loss(diffusion), batches, label=name, steps=ctrain["steps"], lr=ctrain["lr"],

@@ -132,6 +132,7 @@ def test_checkpoint_with_code_is_refused(tmp_path):
     (["--image-size", "18"], "not divisible"),
     (["--batch-size", "0"], "--batch-size"),
     (["--lr-decay", "1.5"], "--lr-decay"),
+    (["--classifier-intensity", "-0.1"], "--classifier-intensity"),
 ])
 def test_train_bad_input_is_one_line_exit_2(tmp_path, args, message):
     proc = run("train.py", "--out", tmp_path / "x", "--steps", "1", *args, ok=False)

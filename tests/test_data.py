@@ -68,3 +68,18 @@ def test_mirror_batches_swap_labels_consistently():
 def test_batch_size_zero_is_refused():
     with pytest.raises(DataError, match="batch size"):
         Batches(np.zeros((2, 4, 4, 3), np.uint8), np.zeros(2), 0)
+
+
+def test_intensity_augmentation_dims_discs_keeps_background_and_labels():
+    images, labels, _ = circles_dataset(32)
+    plain = Batches(images, labels, 256, seed=3)
+    dimmed = Batches(images, labels, 256, seed=3, intensity=0.2)
+    (x, y), (xd, yd) = next(plain), next(dimmed)
+    assert torch.equal(y, yd)                                       # same images drawn, labels untouched
+    assert torch.equal(xd[x == -1], x[x == -1])                     # black background stays black
+    scale = (xd.amax((1, 2, 3)) + 1) / 2                            # the white disc's new level, in [0.2, 1]
+    assert scale.min() >= 0.2 - 1e-6 and scale.max() <= 1 + 1e-6 and scale.std() > 0.1
+    assert torch.allclose(xd, scale.view(-1, 1, 1, 1) * (x + 1) - 1, atol=1e-6)
+    assert torch.equal(next(Batches(images, labels, 256, seed=3, intensity=1.0))[0], x)   # 1 = off, same stream
+    with pytest.raises(DataError, match="intensity"):
+        Batches(images, labels, 4, intensity=1.5)
