@@ -11,6 +11,9 @@
    second circles appear, and do they go away?
 4. The mean of ε̂: per image and channel, the spatial mean of ε̂ - ε at large t, and the error it causes in
    x̂_0 (δ·sqrt(1-ᾱ)/sqrt(ᾱ)); large values give random background levels.
+5. Classifier on dim discs: p(right | one disc at the left border, intensity a) per t. A classifier trained on
+   white discs only may read a dim left disc as "in between" (p near 1/2): then multi-guidance can reach
+   p = 1/2 by dimming the disc below the detector's threshold instead of moving it (the "no circle" samples).
 """
 import argparse
 import json
@@ -103,6 +106,24 @@ def mean_error(model, diffusion, image_size, radius, ts, n=128, seed=0):
     return rows
 
 
+def dim_profile(clf, diffusion, image_size, radius, ts, levels=(1.0, 0.7, 0.5, 0.3, 0.15), repeats=4, seed=0):
+    """{t: [p(right) per intensity level]} for one disc at the left border (x = 2·radius), averaged over y, noise."""
+    ys = np.arange(radius, image_size - radius)
+    white = to_float(render_circles(np.array([[2 * radius, y] for y in ys]), image_size, radius))
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for t in ts:
+        tt = torch.full((len(ys),), t, dtype=torch.long)
+        row = []
+        for a in levels:
+            x0 = a * (white + 1) - 1
+            with torch.no_grad():
+                row.append(float(np.mean([clf(diffusion.q_sample(x0, tt, torch.randn(x0.shape, generator=gen)), tt)
+                                          .softmax(-1)[:, 1].mean() for _ in range(repeats)])))
+        out[t] = row
+    return list(levels), out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", default="runs/circles", help="circles run folder with ddpm.pt and a classifier")
@@ -129,8 +150,10 @@ def main(argv=None):
     prior = prior_probe(model, sampler, size, radius, sorted({3 * K // 4, K // 2, K // 4}, reverse=True), args.samples)
     trajectory = guided_trajectory(model, sampler, clf, lambdas, size, args.samples)
     dc = mean_error(model, diffusion, size, radius, [int(0.99 * T), int(0.95 * T), int(0.75 * T), T // 2])
+    levels, dim = dim_profile(clf, diffusion, size, radius, ts)
     report = dict(run=str(run), classifier=str(path), centres_x=xs.tolist(), classifier_p_right=profile,
-                  prior=prior, trajectory=dict(lambdas=lambdas, rows=trajectory), eps_mean=dc)
+                  prior=prior, trajectory=dict(lambdas=lambdas, rows=trajectory), eps_mean=dc,
+                  dim_disc=dict(levels=levels, p_right=dim))
     (run / "diagnose.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [f"# Diagnosis of {run}", "", "## 1. Classifier p(right) vs circle centre x / W (averaged over y, noise)", "",
              "| t | " + " | ".join(f"{x / size:.2f}" for x in xs) + " |", "|---" * (len(xs) + 1) + "|"]
@@ -145,6 +168,9 @@ def main(argv=None):
     lines += ["", "## 4. Mean of ε̂ - ε per image and channel", "",
               "| t | std of the mean error | implied x̂_0 error | ε MSE |", "|---|---|---|---|"]
     lines += [f"| {r['t']} | {r['eps_mean_error_std']:.4f} | {r['x0_error_std']:.3f} | {r['eps_mse']:.4f} |" for r in dc]
+    lines += ["", "## 5. Classifier p(right) for one disc at the left border, dimmed to intensity a", "",
+              "| t | " + " | ".join(f"a = {a:g}" for a in levels) + " |", "|---" * (len(levels) + 1) + "|"]
+    lines += [f"| {t} | " + " | ".join(f"{v:.2f}" for v in row) + " |" for t, row in dim.items()]
     (run / "diagnose.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
     return report

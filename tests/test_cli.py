@@ -208,7 +208,20 @@ def test_diagnose_probes_classifier_prior_and_mean(tiny_run):
     assert traj[-1]["t"] == 0 and all(sum(r["counts"]) == 3 for r in traj) and report["trajectory"]["lambdas"] == [30, 30]
     first = report["eps_mean"][0]                         # t = 0.99 T: sqrt(1 - ᾱ) / sqrt(ᾱ) >> 1
     assert first["x0_error_std"] > 5 * first["eps_mean_error_std"] > 0
-    assert "## 2. DDPM prior" in proc.stdout and (tiny_run / "diagnose.md").exists()
+    dim = report["dim_disc"]
+    assert dim["levels"][0] == 1.0 and all(len(r) == len(dim["levels"]) and all(0 <= p <= 1 for p in r)
+                                           for r in dim["p_right"].values())
+    assert "## 2. DDPM prior" in proc.stdout and "## 5. Classifier p(right)" in proc.stdout
+    assert (tiny_run / "diagnose.md").exists()
+
+
+def test_dim_profile_follows_the_discs_intensity():
+    from diagnose import dim_profile
+    from ddpm import DiffusionConfig
+    bright = lambda x, t: torch.stack([torch.zeros(len(x)), 50 * (x.mean((1, 2, 3)) + 1)], 1)  # p(right) ↑ brightness
+    levels, out = dim_profile(bright, DiffusionConfig().build(), 16, 2, [0], levels=(1.0, 0.5, 0.0))
+    assert levels == [1.0, 0.5, 0.0] and out[0][0] > out[0][1] > out[0][2]
+    assert abs(out[0][2] - 0.5) < 0.05                    # a = 0: a black image, logits ≈ (0, 0)
 
 
 def test_diagnose_bad_input_is_one_line_exit_2(tiny_run, tmp_path):
