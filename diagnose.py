@@ -35,6 +35,14 @@ def blob_counts(found):
     return np.bincount(np.minimum([f[0] for f in found], 3), minlength=4).tolist()
 
 
+def p_right(clf, diffusion, x0, t, gen, repeats):
+    """p(right | x_t, t) per image, averaged over `repeats` noise draws x_t = q_sample(x0, t)."""
+    tt = torch.full((len(x0),), t, dtype=torch.long)
+    with torch.no_grad():
+        return np.mean([clf(diffusion.q_sample(x0, tt, torch.randn(x0.shape, generator=gen)), tt).softmax(-1)[:, 1]
+                        .numpy() for _ in range(repeats)], axis=0)
+
+
 def classifier_profile(clf, diffusion, image_size, radius, ts, repeats=4, seed=0):
     """{t: [p(right) per centre x]} over the full-range circles; x = the centres (pixels)."""
     images, _, pos = circles_dataset(image_size, radius, full_range=True)
@@ -43,10 +51,7 @@ def classifier_profile(clf, diffusion, image_size, radius, ts, repeats=4, seed=0
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for t in ts:
-        tt = torch.full((len(x0),), t, dtype=torch.long)
-        with torch.no_grad():
-            p = np.mean([clf(diffusion.q_sample(x0, tt, torch.randn(x0.shape, generator=gen)), tt).softmax(-1)[:, 1]
-                         .numpy() for _ in range(repeats)], axis=0)
+        p = p_right(clf, diffusion, x0, t, gen, repeats)
         out[t] = [float(p[pos[:, 0] == x].mean()) for x in xs]
     return xs, out
 
@@ -111,16 +116,7 @@ def dim_profile(clf, diffusion, image_size, radius, ts, levels=(1.0, 0.7, 0.5, 0
     ys = np.arange(radius, image_size - radius)
     white = to_float(render_circles(np.array([[2 * radius, y] for y in ys]), image_size, radius))
     gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for t in ts:
-        tt = torch.full((len(ys),), t, dtype=torch.long)
-        row = []
-        for a in levels:
-            x0 = a * (white + 1) - 1
-            with torch.no_grad():
-                row.append(float(np.mean([clf(diffusion.q_sample(x0, tt, torch.randn(x0.shape, generator=gen)), tt)
-                                          .softmax(-1)[:, 1].mean() for _ in range(repeats)])))
-        out[t] = row
+    out = {t: [float(p_right(clf, diffusion, a * (white + 1) - 1, t, gen, repeats).mean()) for a in levels] for t in ts}
     return list(levels), out
 
 
