@@ -497,12 +497,13 @@ def train_classifier(config, out, args, device, name, data, dist=(0, 1)):
     torch.manual_seed(ctrain["seed"])
     model = ckpt_io.build_classifier(config).to(device)
     sn = " with spectral norm (lipschitz %g)" % config["classifier"]["lipschitz"] if config["classifier"]["spectral_norm"] else ""
+    intensity = ctrain.get("intensity", 1.0)           # absent from configs written before session 8
     print(f"[{name}] classifier {count_parameters(model) / 1e6:.2f}M parameters{sn}, "
           f"{ctrain['steps']} steps, augment {ctrain['augment']}"
-          + (f", intensity U({ctrain['intensity']:g}, 1)" if ctrain.get("intensity", 1.0) < 1 else ""), flush=True)
+          + (f", intensity U({intensity:g}, 1)" if intensity < 1 else ""), flush=True)
     augment = ctrain["augment"]
     batches = Batches(images, labels, ctrain["batch_size"], flip=augment != "none", flip_labels=augment == "mirror",
-                      seed=ctrain["seed"], intensity=ctrain.get("intensity", 1.0))
+                      seed=ctrain["seed"], intensity=intensity)
     clf_config = dict(data=config["data"], diffusion=config["diffusion"], classifier=config["classifier"],
                       train=ctrain, seed=ctrain["seed"])
     model, _ = fit("classifier", model, classifier_loss(diffusion), batches, label=name, steps=ctrain["steps"], lr=ctrain["lr"],
