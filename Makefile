@@ -17,7 +17,7 @@ demo: setup
 	$(BIN)/python sample.py --lambdas 30,30
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n auto --dist loadfile tests
 
 bench: setup
 	$(BIN)/python bench.py
