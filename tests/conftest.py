@@ -1,4 +1,4 @@
-"""Test-session settings. `make test` runs the suite on 2 pytest-xdist workers (one per core of the CI machine),
+"""Test-session settings. `make test` runs the suite on pytest-xdist workers (`-n auto`: one per core, 2 on CI),
 one file per worker at a time (`--dist loadfile`, so module fixtures such as test_cli's tiny run are built once).
 Each worker, and the train.py/sample.py processes its tests start, then uses one torch thread: two workers with two
 threads each would oversubscribe the cores."""
