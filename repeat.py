@@ -2,6 +2,7 @@
 
   python repeat.py --run runs/circles --seeds 5                 # plain and spectral-norm classifiers
   python repeat.py --run runs/circles --seeds 10 --variants plain --lambdas 30,30
+  python repeat.py --run runs/circles --seeds 5 --first-seed 6 --variants plain --reuse-unguided   # seeds 6-10
 
 For each variant and seed s it trains a guidance classifier `<variant>_seed<s>` in the run folder (the DDPM is
 shared, as in the paper; an existing classifier is resumed/reused), samples --num-samples images with
@@ -35,6 +36,9 @@ def main(argv=None):
     p.add_argument("--tag", default="", help="suffix of the classifier names (<variant><tag>_seed<s>): give one with "
                                              "--train-args, or the classifiers of an earlier repeat are reused")
     p.add_argument("--sample-args", default="", help="extra sample.py flags, quoted")
+    p.add_argument("--reuse-unguided", action="store_true",
+                   help="take the unguided reference from an earlier repeat (samples/repeat_unguided) instead of "
+                        "sampling it again (~4 min on a 2-core CPU)")
     args = p.parse_args(argv)
     run = Path(args.run)
     variants = args.variants.split(",")
@@ -46,8 +50,16 @@ def main(argv=None):
         p.error("--train-args changes the classifiers: give them a --tag (e.g. --tag _b32) so that classifiers "
                 "trained earlier under the same names are not reused")
     results = {}
-    ref = sample.main(["--name", "repeat_unguided", "--overwrite", *extra_sample])
-    results["unguided"] = [json.loads((ref / "report.json").read_text())]
+    ref = run / "samples" / "repeat_unguided" / "report.json"
+    if args.reuse_unguided:
+        if not ref.exists():
+            p.error(f"--reuse-unguided: {ref} is missing; run once without --reuse-unguided")
+        if json.loads(ref.read_text())["num_samples"] != args.num_samples:
+            p.error(f"--reuse-unguided: {ref} has {json.loads(ref.read_text())['num_samples']} samples, not "
+                    f"--num-samples {args.num_samples}; run without --reuse-unguided")
+    else:
+        ref = sample.main(["--name", "repeat_unguided", "--overwrite", *extra_sample]) / "report.json"
+    results["unguided"] = [json.loads(ref.read_text())]
     for variant in variants:
         results[variant + args.tag] = []
         for seed in range(args.first_seed, args.first_seed + args.seeds):

@@ -1,6 +1,6 @@
 """Train the DDPM and the noisy guidance classifier(s) of [ZSI]; one run folder holds everything.
 
-  python train.py --data circles                                # CPU preset: DDPM, then the classifier
+  python train.py --data circles                                # CPU preset: the DDPM and the classifier
   python train.py --data circles --what classifier --spectral-norm   # add an SN classifier to the run
   python train.py --data folder --data-dir PNGS --preset paper  # the paper's hyperparameters (GPU)
 
@@ -8,6 +8,7 @@ Writes into --out (default runs/<data>): config.json (data, diffusion, U-Net and
 ddpm.pt (model, EMA, optimizer, scaler, step, RNG), ddpm_loss.csv, ddpm_samples.png/.npz and
 ddpm_report.md (unguided EMA samples), train_examples.png, and per classifier <name>.pt, <name>.json,
 <name>_loss.csv, <name>_heatmap.png (circles). A killed run continues with --resume; Ctrl-C saves first.
+On a CPU, `--what all` trains the classifier in a second process during the DDPM's first steps (ClassifierBeside).
 
 The DDPM loss is L_hybrid [IDDPM eq. 16] with t ~ U{0..T-1}; the classifier loss is the cross-entropy of
 p(y | x_t, t) on the same chain (EXPERIMENTS.md §2.2, §3.2). Presets are the paper's table (EXPERIMENTS.md
@@ -88,6 +89,9 @@ def parse_args(argv=None):
     g.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds checkpoints")
     g.add_argument("--seed", type=int, default=0, help="seed of initialisation, batches and noise")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
+                   help="train the classifier in a second process during the DDPM's first steps, the threads "
+                        "split between the two (default: on for --what all on a CPU with 2+ threads)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="mixed precision: fp16 + GradScaler on CUDA, bf16 autocast on CPU (default: on for CUDA "
                         "and for CPUs with AMX/AVX512-BF16, off otherwise: bf16 is slow without them)")
@@ -307,7 +311,8 @@ def ema_update(ema_params, params, rate):
 
 
 def fit(kind, model, loss_fn, batches, *, steps, lr, ema_rate, amp, device, path, config, resume,
-        log_every=100, ckpt_every=500, max_bad_steps=20, label=None, dist=(0, 1), lr_decay=0.0):
+        log_every=100, ckpt_every=500, max_bad_steps=20, label=None, dist=(0, 1), lr_decay=0.0,
+        before_step=None):
     """AdamW (no weight decay, lr schedule `lr_at`) with optional EMA, autocast and GradScaler; checkpoints
     `path` atomically.
 
@@ -317,6 +322,7 @@ def fit(kind, model, loss_fn, batches, *, steps, lr, ema_rate, amp, device, path
     dist = (rank, world) under torchrun: every rank draws the same global batch (and noise) and trains on
     its slice through DistributedDataParallel, so N processes take the same steps as one process with the
     same global --batch-size; rank 0 alone writes checkpoints and logs.
+    before_step(step), if given, is called before every step (ClassifierBeside switches threads there).
     """
     rank, world = dist
     label = label or kind
@@ -364,6 +370,8 @@ def fit(kind, model, loss_fn, batches, *, steps, lr, ema_rate, amp, device, path
     writer = csv.writer(log_file)
     try:
         while step < steps:
+            if before_step is not None:
+                before_step(step)
             x, y = next(batches)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast(device, amp):
@@ -453,7 +461,7 @@ def classifier_loss(diffusion):
     return loss_fn
 
 
-def train_ddpm(config, out, args, device, data, dist=(0, 1)):
+def train_ddpm(config, out, args, device, data, dist=(0, 1), beside=None):
     from evaluate import circle_metrics, write_report
     from sample import generate, sampling_chain
     images, labels = data
@@ -468,11 +476,17 @@ def train_ddpm(config, out, args, device, data, dist=(0, 1)):
     model = model.to(device)
     batches = Batches(images, labels, tc["batch_size"], flip=tc["flip"], seed=tc["seed"])
     num_classes = max(ckpt_io.backbone_config(config)["num_classes"] - 1, 0)
-    _, ema = fit("ddpm", model, ddpm_loss(diffusion, num_classes, tc.get("cfg_dropout", 0.0)), batches, steps=tc["steps"], lr=tc["lr"],
-                 ema_rate=tc["ema"], amp=tc["amp"], device=device, path=out / "ddpm.pt",
-                 lr_decay=tc.get("lr_decay", 0.0),
-                 config=dict(config, seed=tc["seed"]), resume=args.resume,
-                 log_every=args.log_every, ckpt_every=args.ckpt_every, dist=dist)
+    try:
+        _, ema = fit("ddpm", model, ddpm_loss(diffusion, num_classes, tc.get("cfg_dropout", 0.0)), batches,
+                     steps=tc["steps"], lr=tc["lr"], ema_rate=tc["ema"], amp=tc["amp"], device=device,
+                     path=out / "ddpm.pt", lr_decay=tc.get("lr_decay", 0.0),
+                     config=dict(config, seed=tc["seed"]), resume=args.resume,
+                     log_every=args.log_every, ckpt_every=args.ckpt_every, dist=dist, before_step=beside)
+        if beside is not None:
+            beside.finish()     # a DDPM shorter than the overlap: wait for the classifier here
+    finally:
+        if beside is not None:
+            beside.stop()       # Ctrl-C, SIGTERM or an error: the classifier saves and exits too
     if args.eval_samples > 0 and dist[0] == 0:
         ema.eval()
         samples = generate(ema, sampling_chain(diffusion, config).respace(config["sample_steps"]), args.eval_samples,
@@ -518,6 +532,76 @@ def train_classifier(config, out, args, device, name, data, dist=(0, 1)):
         heat, coords = classifier_heatmap(model, config["data"]["image_size"], config["data"]["radius"], device=device)
         plot_heatmaps({f"{name}: p(right | circle at x, y), t=0": heat}, coords, out / f"{name}_heatmap.png",
                       config["data"]["image_size"])
+
+
+# Measured on the 2-core CPU (RESULTS.md, session 10): side by side on one thread each, the cpu preset's DDPM
+# (batch 32) makes 0.85 steps per classifier step (batch 64), so the classifier's 800 steps end near DDPM step 680.
+OVERLAP_RATIO = 0.85
+
+
+def overlap_steps(args, config, device, world, what):
+    """DDPM steps during which the classifier trains beside it (0 = one after the other)."""
+    on = args.overlap
+    if on is None:
+        on = device.type == "cpu" and world == 1 and torch.get_num_threads() >= 2
+    if not on or what != ("ddpm", "classifier"):
+        return 0
+    if device.type != "cpu" or world > 1:
+        raise DataError("--overlap runs on the CPU in one process; drop it for GPUs and torchrun")
+    return max(1, round(OVERLAP_RATIO * config["classifier_train"]["steps"]))
+
+
+class ClassifierBeside:
+    """The guidance classifier trained in a second process during the DDPM's first `until` steps (CPU).
+
+    The classifier does not need the DDPM (it learns p(y | x_t, t) on q_sample of the data), and on a 2-core
+    CPU two one-thread jobs do 1.3x the work of one two-thread job (RESULTS.md). The DDPM takes its threads
+    back at step `until`, waiting for the classifier if need be, never "when the classifier ends": thread
+    count changes float rounding, and a timing-dependent switch would make the DDPM differ run to run.
+    Called by fit before every DDPM step; started on the first call below `until` (also on a resumed run).
+    """
+
+    def __init__(self, config, out, args, name, until, threads):
+        self.job = (config, out, args, name, max(1, threads // 2))
+        self.until, self.threads = until, threads
+        self.proc, self.done = None, False
+
+    def __call__(self, step):
+        if step >= self.until:
+            self.finish()
+        elif self.proc is None and not self.done:
+            import multiprocessing
+            self.proc = multiprocessing.get_context("spawn").Process(target=classifier_process, args=self.job)
+            self.proc.start()
+            torch.set_num_threads(max(1, self.threads - self.threads // 2))
+
+    def finish(self):
+        if self.proc is None:
+            return
+        self.proc.join()
+        code, self.proc = self.proc.exitcode, None
+        torch.set_num_threads(self.threads)
+        self.done = code == 0
+        if not self.done:   # its error is printed above; train.py trains it after the DDPM instead
+            print(f"[ddpm] the classifier process stopped with exit code {code}; it will train after the DDPM",
+                  flush=True)
+
+    def stop(self):
+        if self.proc is not None and self.proc.is_alive():
+            self.proc.terminate()   # SIGTERM: it saves its checkpoint and exits
+            self.proc.join()
+
+
+def classifier_process(config, out, args, name, threads):
+    """ClassifierBeside's second process: train_classifier on `threads` threads."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C reaches it through the DDPM process, once
+    signal.signal(signal.SIGTERM, _interrupt)
+    torch.set_num_threads(threads)
+    try:
+        train_classifier(config, out, args, torch.device("cpu"), name, load_data(config["data"]))
+    except (DataError, ckpt_io.CheckpointError, TrainingError, ValueError) as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def setup_distributed(device):
@@ -644,12 +728,17 @@ def main(argv=None):
                 raise DataError(f"{flag} {b} (the global batch) is not divisible by the {world} processes")
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
+        beside = None
         if "ddpm" in what:
             config["dc_prior"] = channel_mean_stats(data[0])   # saved with the DDPM; read by sample.sampling_chain
+            config["train"]["overlap_steps"] = overlap_steps(args, config, device, world, what)
+            if config["train"]["overlap_steps"]:
+                beside = ClassifierBeside(config, out, args, name, config["train"]["overlap_steps"],
+                                          torch.get_num_threads())
             if rank == 0:
                 ckpt_io.write_json(config, out / "config.json")
-            train_ddpm(config, out, args, device, data, (rank, world))
-        if "classifier" in what:
+            train_ddpm(config, out, args, device, data, (rank, world), beside)
+        if "classifier" in what and not (beside is not None and beside.done):
             train_classifier(config, out, args, device, name, data, (rank, world))
         if world > 1:
             torch.distributed.destroy_process_group()

@@ -158,6 +158,16 @@ def test_repeat_over_seeds_writes_mean_and_std(tiny_run, tmp_path):
     for variant, seed in (("plain", 1), ("plain", 2), ("sn", 1), ("sn", 2)):
         assert (run_dir / f"{variant}_t_seed{seed}.pt").exists()
     assert "mean ± std" in (run_dir / "repeats_t.md").read_text()
+    reference = run_dir / "samples" / "repeat_unguided" / "samples.npz"
+    stamp = reference.stat().st_mtime_ns
+    run("repeat.py", "--run", run_dir, "--seeds", "1", "--first-seed", "3", "--variants", "plain", "--num-samples", "2",
+        "--tag", "_t", "--train-args=--classifier-steps 2 --classifier-width 8", "--sample-args=--steps 2",
+        "--reuse-unguided")
+    again = json.loads((run_dir / "repeats_t.json").read_text())
+    assert again["unguided"] == summary["unguided"] and again["plain_t"]["per_seed"][0]["seed"] == 3
+    assert reference.stat().st_mtime_ns == stamp                     # not sampled again
+    proc = run("repeat.py", "--run", run_dir, "--num-samples", "3", "--reuse-unguided", ok=False)
+    assert proc.returncode == 2 and "--num-samples 3" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_repeat_with_changed_classifiers_needs_a_tag(tiny_run):
@@ -264,3 +274,30 @@ def test_training_uses_the_decayed_lr_of_its_last_step(tmp_path):
     state = torch.load(out / "ddpm.pt", weights_only=True)
     assert state["config"]["train"]["lr_decay"] == 0.4
     assert state["opt"]["param_groups"][0]["lr"] == pytest.approx(lr_at(4, 5, 1e-3, 0.4)) == pytest.approx(5e-4)
+
+
+def test_classifier_beside_the_ddpm_trains_the_same_weights_as_one_after_the_other(tmp_path):
+    import os
+    env = dict(os.environ, OMP_NUM_THREADS="1")   # same threads in both runs: float rounding depends on them
+    steps = ("--steps", "5", "--classifier-steps", "4", "--eval-samples", "0")
+    together, apart = tmp_path / "together", tmp_path / "apart"
+
+    def train(*args):
+        proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY, *steps, *map(str, args)],
+                              capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    out = train("--out", together, "--overlap").stdout
+    assert "[classifier] step 4/4" in out and "[ddpm] step 5/5" in out
+    assert json.loads((together / "config.json").read_text())["train"]["overlap_steps"] == round(0.85 * 4)
+    train("--out", apart, "--what", "ddpm")
+    train("--out", apart, "--what", "classifier")
+    for name in ("ddpm", "classifier"):
+        a, b = (torch.load(d / f"{name}.pt", weights_only=True) for d in (together, apart))
+        assert a["step"] == b["step"] and set(a["model"]) == set(b["model"])
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), name
+    assert (together / "classifier_heatmap.png").exists() and (together / "classifier.json").exists()
+    default = tmp_path / "default"
+    train("--out", default)   # one thread: nothing to split, one after the other
+    assert json.loads((default / "config.json").read_text())["train"]["overlap_steps"] == 0

@@ -102,3 +102,26 @@ def test_ema_weights_stay_leaves_outside_the_autograd_graph(tmp_path):
     for p_ema, p in zip(ema.parameters(), model.parameters()):
         assert p_ema.is_leaf and not p_ema.requires_grad and p_ema.grad_fn is None
         assert not torch.equal(p_ema, p)      # the EMA did move, and lags the model
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_stopping_a_run_with_the_classifier_beside_saves_both_and_resumes_both(tmp_path, sig):
+    out = tmp_path / "run"
+    big = ("--steps", "100000", "--classifier-steps", "100000", "--eval-samples", "0", "--overlap")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *TINY, "--out", str(out), *big,
+                             "--ckpt-every", "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    wait_for_checkpoint(out / "ddpm.pt", proc)
+    wait_for_checkpoint(out / "classifier.pt", proc)
+    proc.send_signal(sig)   # to the DDPM process only; it stops the classifier's
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    ddpm, clf = (torch.load(out / f"{n}.pt", weights_only=True) for n in ("ddpm", "classifier"))
+    assert f"[ddpm] interrupted: saved step {ddpm['step']}" in stdout
+    assert f"[classifier] interrupted: saved step {clf['step']}" in stdout
+    assert not list(out.glob("*.tmp*"))
+    resumed = run("train.py", *TINY, "--out", out, "--steps", ddpm["step"] + 2, "--classifier-steps", clf["step"] + 2,
+                  "--eval-samples", "0", "--overlap", "--resume")
+    assert f"[ddpm] resumed from {out / 'ddpm.pt'} at step {ddpm['step']}" in resumed.stdout
+    assert f"[classifier] resumed from {out / 'classifier.pt'} at step {clf['step']}" in resumed.stdout
+    for name, before in (("ddpm", ddpm), ("classifier", clf)):
+        assert torch.load(out / f"{name}.pt", weights_only=True)["step"] == before["step"] + 2
