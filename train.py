@@ -555,7 +555,7 @@ class ClassifierBeside:
     """The guidance classifier trained in a second process during the DDPM's first `until` steps (CPU).
 
     The classifier does not need the DDPM (it learns p(y | x_t, t) on q_sample of the data), and on a 2-core
-    CPU two one-thread jobs do 1.3x the work of one two-thread job (RESULTS.md). The DDPM takes its threads
+    CPU two one-thread jobs do 1.2-1.3x the work of one two-thread job (RESULTS.md). The DDPM takes its threads
     back at step `until`, waiting for the classifier if need be, never "when the classifier ends": thread
     count changes float rounding, and a timing-dependent switch would make the DDPM differ run to run.
     Called by fit before every DDPM step; started on the first call below `until` (also on a resumed run).
