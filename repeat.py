@@ -54,9 +54,10 @@ def main(argv=None):
     if args.reuse_unguided:
         if not ref.exists():
             p.error(f"--reuse-unguided: {ref} is missing; run once without --reuse-unguided")
-        if json.loads(ref.read_text())["num_samples"] != args.num_samples:
-            p.error(f"--reuse-unguided: {ref} has {json.loads(ref.read_text())['num_samples']} samples, not "
-                    f"--num-samples {args.num_samples}; run without --reuse-unguided")
+        drawn = json.loads(ref.read_text())["num_samples"]
+        if drawn != args.num_samples:
+            p.error(f"--reuse-unguided: {ref} has {drawn} samples, not --num-samples {args.num_samples}; "
+                    f"run without --reuse-unguided")
     else:
         ref = sample.main(["--name", "repeat_unguided", "--overwrite", *extra_sample]) / "report.json"
     results["unguided"] = [json.loads(ref.read_text())]
