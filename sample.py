@@ -135,6 +135,9 @@ def parse_args(argv=None):
     g = p.add_argument_group("output")
     g.add_argument("--name", default=None, help="folder name under <run>/samples (default: from λ, steps, seed)")
     g.add_argument("--overwrite", action="store_true", help="reuse an existing folder of the same name")
+    g.add_argument("--heatmaps", choices=["main", "all"], default="main",
+                   help="circles: classifier heatmaps (Fig. 7b) of the guidance classifiers and the run's classifier / "
+                        "classifier_sn (main), or of every classifier in the run folder (all: slow after a repeat)")
     return p.parse_args(argv)
 
 
@@ -185,7 +188,16 @@ def output_dir(run, name, overwrite):
     return run / "samples" / f"{name}-{k}"
 
 
-def circles_pictures(samples, x, label, config, run, out, classifiers, device):
+def heatmap_classifiers(run, classifiers, which="main"):
+    """{name: path} of the classifiers whose heatmaps to draw: the run's classifier and classifier_sn plus the
+    guidance classifiers (main), or every .pt in the run folder but the DDPM (all)."""
+    stems = None if which == "all" else {"classifier", "classifier_sn"}
+    paths = {p.stem: p for p in sorted(run.glob("*.pt")) if p.stem != "ddpm" and (stems is None or p.stem in stems)}
+    paths.update({n: p for n, p in classifiers})
+    return paths
+
+
+def circles_pictures(samples, x, label, config, run, out, classifiers, device, which="main"):
     """Histogram of centres (train / unguided / these samples), overview figure, heatmaps of the classifiers."""
     d = config["data"]
     _, _, pos = circles_dataset(d["image_size"], d["radius"], d["delta"], seed=d["seed"])
@@ -198,9 +210,8 @@ def circles_pictures(samples, x, label, config, run, out, classifiers, device):
     plot_histograms(hists, out / "histogram_x.png", "circle centre x / W (single-circle samples)")
     if isinstance(unguided, np.ndarray):
         plot_overview(unguided, samples, hists, out / "overview.png", title=label)
-    maps, paths = {}, {p.stem: p for p in sorted(run.glob("*.pt")) if p.stem != "ddpm"}
-    paths.update({n: p for n, p in classifiers})
-    for n, p in paths.items():
+    maps = {}
+    for n, p in heatmap_classifiers(run, classifiers, which).items():
         try:
             clf, _ = ckpt_io.load_classifier(p, device)
         except ckpt_io.CheckpointError:
@@ -442,7 +453,7 @@ def main(argv=None):
                       multi_circles=m["multi_circles"], min_area=MIN_AREA,
                       accuracy_any_size=m["accuracy_any_size"], zero_or_multi_any_size=m["invalid_any_size"])
         label = sample_label(lambdas, args.cfg)
-        circles_pictures(samples, m["x"], label, config, run, out, named_paths, device)
+        circles_pictures(samples, m["x"], label, config, run, out, named_paths, device, args.heatmaps)
         print(f"[sample] accuracy (one circle, centre x/W in [0.2, 0.8]) {m['accuracy'] * 100:.1f}% | "
               f"0 or 2+ circles {m['invalid'] * 100:.1f}% (blobs of any size: {m['accuracy_any_size'] * 100:.1f}% | "
               f"{m['invalid_any_size'] * 100:.1f}%) | {seconds:.0f}s", flush=True)

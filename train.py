@@ -700,6 +700,9 @@ def main(argv=None):
         out = Path(args.out or f"runs/{args.data}")
         name = args.classifier_name or ("classifier_sn" if args.spectral_norm else "classifier")
         what = ("ddpm", "classifier") if args.what == "all" else (args.what,)
+        if args.overlap and args.what != "all":
+            raise DataError(f"--overlap trains the classifier beside the DDPM, and --what {args.what} trains one "
+                            f"model: use --what all or drop --overlap")
         saved = None
         if "ddpm" not in what and (out / "config.json").exists():
             saved = json.loads((out / "config.json").read_text())

@@ -75,6 +75,16 @@ def test_guided_sampling_writes_samples_and_report(tiny_run):
         assert (out / name).exists(), name
 
 
+def test_heatmaps_of_the_guidance_and_main_classifiers_unless_all(tmp_path):
+    from sample import heatmap_classifiers
+    for stem in ("ddpm", "classifier", "classifier_sn", "plain_seed1", "plain_seed2"):
+        (tmp_path / f"{stem}.pt").touch()
+    guide = [("plain_seed2", tmp_path / "plain_seed2.pt")]
+    assert sorted(heatmap_classifiers(tmp_path, guide)) == ["classifier", "classifier_sn", "plain_seed2"]
+    assert sorted(heatmap_classifiers(tmp_path, guide, "all")) == ["classifier", "classifier_sn", "plain_seed1",
+                                                                   "plain_seed2"]
+
+
 def test_same_seed_same_samples_and_new_folder_each_run(tiny_run):
     args = ("--run", tiny_run, "--num-samples", "3", "--steps", "3", "--name", "det")
     run("sample.py", *args)
@@ -133,6 +143,8 @@ def test_checkpoint_with_code_is_refused(tmp_path):
     (["--batch-size", "0"], "--batch-size"),
     (["--lr-decay", "1.5"], "--lr-decay"),
     (["--classifier-intensity", "-0.1"], "--classifier-intensity"),
+    (["--what", "ddpm", "--overlap"], "--overlap"),
+    (["--what", "classifier", "--overlap"], "--overlap"),
 ])
 def test_train_bad_input_is_one_line_exit_2(tmp_path, args, message):
     proc = run("train.py", "--out", tmp_path / "x", "--steps", "1", *args, ok=False)
