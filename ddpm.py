@@ -23,7 +23,7 @@ also after respacing, so a classifier trained on the full chain guides a respace
 
 Guidance semantics (EXPERIMENTS.md §1.7): ancestral sampling shifts the mean, μ' = μ + Σ ⊙ g, where
 g = cond_fn(x_t, t) is the gradient of the weighted class log-probabilities *at x_t* (guided-diffusion's
-choice; [ZSI] Sec. 2.2 writes the gradient at μ). DDIM uses the score form ε' = ε - sqrt(1-ᾱ_t) g.
+choice; [ZSI] Sec. 2.2 writes the gradient at μ: `guide_at="mean"`). DDIM uses the score form ε' = ε - sqrt(1-ᾱ_t) g.
 """
 import math
 from dataclasses import dataclass
@@ -306,12 +306,18 @@ class Diffusion:
         return torch.where(t == 0, nll, kl)
 
     # ----- ancestral sampling -----
-    def p_sample(self, model, x_t, t, cond_fn=None, clip_denoised=True, model_kwargs=None, noise=None):
-        """One step x_t -> x_{t-1} [DDPM Alg. 2], with the guided mean μ + Σ ⊙ cond_fn(x_t, t) [ADM Alg. 1]."""
+    def p_sample(self, model, x_t, t, cond_fn=None, clip_denoised=True, model_kwargs=None, noise=None,
+                 guide_at="x_t"):
+        """One step x_t -> x_{t-1} [DDPM Alg. 2], with the guided mean μ + Σ ⊙ cond_fn(x_t, t) [ADM Alg. 1].
+
+        guide_at="mean": the gradient at μ instead, as [ZSI] Sec. 2.2 writes it, with the timestep of x_{t-1}
+        (the expansion of log p(y | x_{t-1}) around its mean μ [ADM sec. 4.1]; index 0 at the last step).
+        """
         out = self.p_mean_variance(model, x_t, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
         mean = out["mean"]
         if cond_fn is not None:
-            mean = mean + out["variance"] * self._call(cond_fn, x_t, t).float()
+            at, t_at = (mean, (t - 1).clamp(min=0)) if guide_at == "mean" else (x_t, t)
+            mean = mean + out["variance"] * self._call(cond_fn, at, t_at).float()
         noise = torch.randn_like(x_t) if noise is None else noise
         nonzero = (t != 0).float().view(-1, *([1] * (x_t.ndim - 1)))  # no noise at the last step
         return dict(sample=mean + nonzero * torch.exp(0.5 * out["log_variance"]) * noise,
@@ -325,7 +331,7 @@ class Diffusion:
         return steps
 
     def p_sample_loop(self, model, shape, noise=None, cond_fn=None, clip_denoised=True, model_kwargs=None,
-                      progress=False, device=None, generator=None):
+                      progress=False, device=None, generator=None, guide_at="x_t"):
         """Sample x_0 by running p_sample from x_{T-1} ~ N(0, I) down to index 0.
 
         generator: an optional torch.Generator for reproducible noise (CPU generators only).
@@ -337,7 +343,8 @@ class Diffusion:
             t = torch.full((shape[0],), i, dtype=torch.long, device=device)
             with torch.no_grad():
                 x = self.p_sample(model, x, t, cond_fn=cond_fn, clip_denoised=clip_denoised,
-                                  model_kwargs=model_kwargs, noise=randn() if i > 0 else None)["sample"]
+                                  model_kwargs=model_kwargs, noise=randn() if i > 0 else None,
+                                  guide_at=guide_at)["sample"]
         return x
 
     # ----- DDIM -----

@@ -48,7 +48,8 @@ def default_batch_size(device):
 
 
 def generate(model, diffusion, num_samples, batch_size=None, amp=True, device="cpu", seed=0, cond_fn=None,
-             ddim=False, eta=0.0, verbose=False, model_kwargs=None, channels_last=False, cfg=None, shard=(0, 1)):
+             ddim=False, eta=0.0, verbose=False, model_kwargs=None, channels_last=False, cfg=None, shard=(0, 1),
+             guide_at="x_t"):
     """uint8 [N, H, W, C] samples. Batch b draws its noise from a CPU generator seeded with seed + 1000003·b, so
     the samples depend on (seed, batch size) only, not on how many processes share the work.
 
@@ -70,7 +71,7 @@ def generate(model, diffusion, num_samples, batch_size=None, amp=True, device="c
         gen = torch.Generator().manual_seed(seed + 1_000_003 * (i // batch_size))
         shape = (b, model.in_channels, model.image_size, model.image_size)
         loop = diffusion.ddim_sample_loop if ddim else diffusion.p_sample_loop
-        kwargs = dict(eta=eta) if ddim else {}
+        kwargs = dict(eta=eta) if ddim else dict(guide_at=guide_at)
         x = loop(net, shape, cond_fn=cond_fn, generator=gen, device=device, model_kwargs=model_kwargs,
                  progress=verbose and sys.stderr.isatty(), **kwargs)
         out[i] = to_uint8(x)
@@ -106,6 +107,9 @@ def parse_args(argv=None):
     g.add_argument("--steps", type=int, default=None, help="respaced steps (default: the run's, 64 circles / 250 paper)")
     g.add_argument("--ddim", action="store_true", help="DDIM instead of ancestral sampling")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM η (0 = deterministic)")
+    g.add_argument("--guide-at", choices=["x_t", "mean"], default="x_t",
+                   help="where the classifier gradient is taken: at x_t with t (guided-diffusion, the official code) "
+                        "or at the mean μ with the timestep of x_{t-1} (the paper's Sec. 2.2); ancestral only")
     g.add_argument("--batch-size", type=int, default=None,
                    help="samples per batch (default: 64 on CPU, 256 on GPU; the samples depend on it)")
     g.add_argument("--dc-correction", action=argparse.BooleanOptionalAction, default=None,
@@ -410,6 +414,9 @@ def main(argv=None):
             raise ValueError(f"--points must be at least 2, got {args.points}")
         if args.edit and not classifiers:
             raise ValueError("--edit needs guidance: pass --lambdas (e.g. 30,30) for the run's classifier")
+        if args.guide_at == "mean" and (args.ddim or args.interpolate or args.edit):
+            raise ValueError("--guide-at mean is for ancestral sampling; DDIM, --interpolate and --edit guide at x_t "
+                             "(drop --guide-at)")
         if not 1 <= steps <= diffusion.num_steps:
             raise ValueError(f"--steps must be in 1..{diffusion.num_steps}, got {steps}")
         circles = config["data"]["name"] == "circles"
@@ -418,7 +425,9 @@ def main(argv=None):
         tag = "_".join(filter(None, [tag, f"cfg{args.cfg:g}" if args.cfg is not None else ""])) or "unguided"
         mode = "interpolate_" if args.interpolate else "edit_" if args.edit else ""
         dc_tag = "" if dc == dc_default else "_dc" if dc else "_nodc"
-        name = args.name or f"{mode}{tag}_steps{steps}{'_ddim' if args.ddim else ''}{dc_tag}_n{n}_seed{args.seed}"
+        at_tag = "_atmean" if args.guide_at == "mean" and classifiers else ""
+        name = args.name or (f"{mode}{tag}_steps{steps}{'_ddim' if args.ddim else ''}{dc_tag}{at_tag}_n{n}"
+                             f"_seed{args.seed}")
         if args.interpolate or args.edit:
             inversion_inputs(args, config, n)       # fail on bad --images before any work
         out = output_dir(run, name, args.overwrite)
@@ -434,7 +443,8 @@ def main(argv=None):
     t0 = time.time()
     samples = generate(model, diffusion.respace(steps), n, args.batch_size, args.amp, device, args.seed,
                        cond_fn=cond_fn, ddim=args.ddim, eta=args.eta, verbose=True, channels_last=args.channels_last,
-                       cfg=(args.cfg, cfg_classes) if args.cfg is not None else None, shard=(rank, world))
+                       cfg=(args.cfg, cfg_classes) if args.cfg is not None else None, shard=(rank, world),
+                       guide_at=args.guide_at)
     seconds = time.time() - t0
     if world > 1:
         torch.distributed.destroy_process_group()
@@ -445,7 +455,8 @@ def main(argv=None):
                         batch_size=args.batch_size, classifiers=json.dumps([str(p) for _, p in named_paths]))
     save_grid(samples[:100], out / "grid.png", nrow=10, scale=max(1, 128 // samples.shape[1]))
     report = dict(run=str(run), guidance=tag, lambdas=json.dumps(lambdas), steps=steps,
-                  sampler="ddim" if args.ddim else "ancestral", dc_correction=dc, num_samples=n, seed=args.seed,
+                  sampler="ddim" if args.ddim else "ancestral", dc_correction=dc, guide_at=args.guide_at,
+                  num_samples=n, seed=args.seed,
                   batch_size=args.batch_size, seconds=round(seconds, 1))
     if circles:
         m = circle_metrics(samples)

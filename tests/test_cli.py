@@ -85,6 +85,16 @@ def test_heatmaps_of_the_guidance_and_main_classifiers_unless_all(tmp_path):
                                                                    "plain_seed2"]
 
 
+def test_guidance_at_the_mean_is_its_own_run(tiny_run):
+    args = ("--run", tiny_run, "--lambdas", "30,30", "--num-samples", "3", "--steps", "3")
+    run("sample.py", *args, "--guide-at", "mean")
+    out = tiny_run / "samples" / "classifier30-30_steps3_atmean_n3_seed0"
+    assert json.loads((out / "report.json").read_text())["guide_at"] == "mean"
+    run("sample.py", *args)
+    at_xt = np.load(tiny_run / "samples" / "classifier30-30_steps3_n3_seed0" / "samples.npz")["images"]
+    assert not np.array_equal(np.load(out / "samples.npz")["images"], at_xt)
+
+
 def test_same_seed_same_samples_and_new_folder_each_run(tiny_run):
     args = ("--run", tiny_run, "--num-samples", "3", "--steps", "3", "--name", "det")
     run("sample.py", *args)
@@ -102,6 +112,7 @@ def test_same_seed_same_samples_and_new_folder_each_run(tiny_run):
     (["--lambdas", "nan,30"], "--lambdas"),
     (["--classifier", "nosuch", "--lambdas", "30,30"], "no checkpoint"),
     (["--steps", "0"], "--steps"),
+    (["--lambdas", "30,30", "--ddim", "--guide-at", "mean"], "--guide-at"),
 ])
 def test_sample_bad_input_is_one_line_exit_2(tiny_run, args, message):
     proc = run("sample.py", "--run", tiny_run, "--num-samples", "2", *args, ok=False)

@@ -292,6 +292,23 @@ def test_p_sample_guidance_shifts_mean_by_variance_times_gradient(diffusion):
     torch.testing.assert_close(guided - plain, var * grad)
 
 
+def test_guidance_at_the_mean_takes_the_gradient_at_mu_with_the_next_timestep(diffusion):
+    r = diffusion.respace(64)
+    x, j = torch.randn(2, 3, 4, 4), torch.tensor([10, 0])
+    model = constant_model(0.1, 0.3)
+    seen = {}
+
+    def cond_fn(xx, tt):
+        seen.update(x=xx.clone(), t=tt.tolist())
+        return torch.ones_like(xx)
+
+    out = r.p_mean_variance(model, x, j)
+    guided = r.p_sample(model, x, j, cond_fn=cond_fn, noise=torch.zeros_like(x), guide_at="mean")["sample"]
+    torch.testing.assert_close(seen["x"], out["mean"])
+    assert seen["t"] == [int(r.timestep_map[9]), int(r.timestep_map[0])]     # x_{t-1}'s index; 0 at the last step
+    torch.testing.assert_close(guided, out["mean"] + out["variance"])
+
+
 def test_last_step_adds_no_noise(diffusion):
     x, t = torch.randn(2, 3, 4, 4), torch.zeros(2, dtype=torch.long)
     model = constant_model(0.0, 1.0)
