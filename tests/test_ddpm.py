@@ -292,7 +292,7 @@ def test_p_sample_guidance_shifts_mean_by_variance_times_gradient(diffusion):
     torch.testing.assert_close(guided - plain, var * grad)
 
 
-def test_guidance_at_the_mean_takes_the_gradient_at_mu_with_the_next_timestep(diffusion):
+def test_guidance_at_the_mean_takes_the_gradient_at_mu_with_the_timestep_of_x_t_minus_1(diffusion):
     r = diffusion.respace(64)
     x, j = torch.randn(2, 3, 4, 4), torch.tensor([10, 0])
     model = constant_model(0.1, 0.3)
