@@ -414,9 +414,9 @@ def main(argv=None):
             raise ValueError(f"--points must be at least 2, got {args.points}")
         if args.edit and not classifiers:
             raise ValueError("--edit needs guidance: pass --lambdas (e.g. 30,30) for the run's classifier")
-        if args.guide_at == "mean" and (args.ddim or args.interpolate or args.edit):
-            raise ValueError("--guide-at mean is for ancestral sampling; DDIM, --interpolate and --edit guide at x_t "
-                             "(drop --guide-at)")
+        if args.guide_at == "mean" and (args.ddim or args.interpolate or args.edit or not classifiers):
+            raise ValueError("--guide-at mean moves the classifier gradient of ancestral sampling: it needs --lambdas "
+                             "and no --ddim, --interpolate or --edit (or drop --guide-at)")
         if not 1 <= steps <= diffusion.num_steps:
             raise ValueError(f"--steps must be in 1..{diffusion.num_steps}, got {steps}")
         circles = config["data"]["name"] == "circles"
@@ -425,7 +425,7 @@ def main(argv=None):
         tag = "_".join(filter(None, [tag, f"cfg{args.cfg:g}" if args.cfg is not None else ""])) or "unguided"
         mode = "interpolate_" if args.interpolate else "edit_" if args.edit else ""
         dc_tag = "" if dc == dc_default else "_dc" if dc else "_nodc"
-        at_tag = "_atmean" if args.guide_at == "mean" and classifiers else ""
+        at_tag = "_atmean" if args.guide_at == "mean" else ""
         name = args.name or (f"{mode}{tag}_steps{steps}{'_ddim' if args.ddim else ''}{dc_tag}{at_tag}_n{n}"
                              f"_seed{args.seed}")
         if args.interpolate or args.edit:

@@ -113,6 +113,7 @@ def test_same_seed_same_samples_and_new_folder_each_run(tiny_run):
     (["--classifier", "nosuch", "--lambdas", "30,30"], "no checkpoint"),
     (["--steps", "0"], "--steps"),
     (["--lambdas", "30,30", "--ddim", "--guide-at", "mean"], "--guide-at"),
+    (["--guide-at", "mean"], "--guide-at"),
 ])
 def test_sample_bad_input_is_one_line_exit_2(tiny_run, args, message):
     proc = run("sample.py", "--run", tiny_run, "--num-samples", "2", *args, ok=False)
