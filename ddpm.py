@@ -23,7 +23,8 @@ also after respacing, so a classifier trained on the full chain guides a respace
 
 Guidance semantics (EXPERIMENTS.md §1.7): ancestral sampling shifts the mean, μ' = μ + Σ ⊙ g, where
 g = cond_fn(x_t, t) is the gradient of the weighted class log-probabilities *at x_t* (guided-diffusion's
-choice; [ZSI] Sec. 2.2 writes the gradient at μ: `guide_at="mean"`). DDIM uses the score form ε' = ε - sqrt(1-ᾱ_t) g.
+choice; [ZSI] Sec. 2.2 writes the gradient at μ: `guide_at="mean"`). DDIM uses the score form
+ε' = ε - sqrt(1-ᾱ_t) g.
 """
 import math
 from dataclasses import dataclass
