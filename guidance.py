@@ -10,7 +10,8 @@ Regular classifier guidance [ADM Alg. 1] is the special case of a single non-zer
 backward per classifier per step whatever the number of classes, in float32. As in guided-diffusion, the
 gradient is taken at x_t with the original timestep (Diffusion maps respaced indices back before calling);
 [ZSI] Sec. 2.2 writes it at μ_θ(x_t, t) instead (EXPERIMENTS.md §16.5). The sampler then shifts the mean by
-Σ ⊙ g (ancestral) or ε by -sqrt(1-ᾱ_t) g (DDIM).
+Σ ⊙ g (ancestral) or ε by -sqrt(1-ᾱ_t) g (DDIM). `above_timestep(cond_fn, t_min)` restricts guidance to
+t >= t_min (the CPU preset's addition; the paper guides every step).
 """
 import torch
 
@@ -50,6 +51,23 @@ def multi_guidance(classifiers, lambdas):
             return torch.autograd.grad(total, x)[0]
 
     return cond_fn
+
+
+def above_timestep(cond_fn, t_min):
+    """cond_fn applied only where t >= t_min (original timesteps), 0 below; a batch entirely below t_min does not
+    call the classifiers at all. Not in the paper: the CPU preset stops guiding at low noise, where the
+    gradient's cheapest way to p = 1/2 is to fade the disc rather than move it (RESULTS.md, session 12).
+    t_min <= 0 returns cond_fn itself (the paper: every step guided)."""
+    if cond_fn is None or t_min <= 0:
+        return cond_fn
+
+    def limited(x_t, t):
+        keep = t >= t_min
+        if not bool(keep.any()):
+            return torch.zeros_like(x_t, dtype=torch.float32)
+        return cond_fn(x_t, t) * keep.view(-1, *[1] * (x_t.dim() - 1)).float()
+
+    return limited
 
 
 def classifier_free(model, lambda_, num_classes):

@@ -34,6 +34,7 @@ def test_training_writes_the_run_folder(tiny_run):
         assert (tiny_run / name).exists(), name
     cfg = json.loads((tiny_run / "config.json").read_text())
     assert cfg["unet"]["image_size"] == 16 and cfg["diffusion"]["num_steps"] == 4000
+    assert cfg["guide_t_min"] == 1500           # the cpu preset guides at t >= 3T/8 only
     state = torch.load(tiny_run / "ddpm.pt", weights_only=True)
     assert state["step"] == 6 and {"model", "ema", "opt", "scaler", "rng", "config"} <= set(state)
 
@@ -95,6 +96,24 @@ def test_guidance_at_the_mean_is_its_own_run(tiny_run):
     assert not np.array_equal(np.load(out / "samples.npz")["images"], at_xt)
 
 
+def test_guidance_interval_is_the_runs_unless_given(tiny_run):
+    args = ("--run", tiny_run, "--lambdas", "30,30", "--num-samples", "2", "--steps", "2")
+    run("sample.py", *args, "--guide-t-min", "0")
+    out = tiny_run / "samples" / "classifier30-30_steps2_from0_n2_seed0"
+    assert json.loads((out / "report.json").read_text())["guide_t_min"] == 0
+    proc = run("sample.py", *args)
+    assert "at t >= 1500" in proc.stdout
+    report = json.loads((tiny_run / "samples" / "classifier30-30_steps2_n2_seed0" / "report.json").read_text())
+    assert report["guide_t_min"] == 1500
+
+
+def test_edits_and_old_runs_guide_every_step_unless_told():
+    from sample import guide_t_min_default
+    assert guide_t_min_default({"guide_t_min": 1500}) == 1500
+    assert guide_t_min_default({"guide_t_min": 1500}, edit=True) == 0     # App. N: --t-fraction is the window
+    assert guide_t_min_default({}) == 0                                   # a run from before the setting
+
+
 def test_same_seed_same_samples_and_new_folder_each_run(tiny_run):
     args = ("--run", tiny_run, "--num-samples", "3", "--steps", "3", "--name", "det")
     run("sample.py", *args)
@@ -114,6 +133,9 @@ def test_same_seed_same_samples_and_new_folder_each_run(tiny_run):
     (["--steps", "0"], "--steps"),
     (["--lambdas", "30,30", "--ddim", "--guide-at", "mean"], "--guide-at"),
     (["--guide-at", "mean"], "--guide-at"),
+    (["--lambdas", "30,30", "--guide-t-min", "-1"], "--guide-t-min"),
+    (["--lambdas", "30,30", "--guide-t-min", "4001"], "--guide-t-min"),
+    (["--guide-t-min", "500"], "--guide-t-min"),
 ])
 def test_sample_bad_input_is_one_line_exit_2(tiny_run, args, message):
     proc = run("sample.py", "--run", tiny_run, "--num-samples", "2", *args, ok=False)
@@ -155,6 +177,7 @@ def test_checkpoint_with_code_is_refused(tmp_path):
     (["--batch-size", "0"], "--batch-size"),
     (["--lr-decay", "1.5"], "--lr-decay"),
     (["--classifier-intensity", "-0.1"], "--classifier-intensity"),
+    (["--guide-t-min", "4001"], "--guide-t-min"),
     (["--what", "ddpm", "--overlap"], "--overlap"),
     (["--what", "classifier", "--overlap"], "--overlap"),
 ])

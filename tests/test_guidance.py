@@ -4,7 +4,7 @@ import torch
 
 from classifier import ClassifierConfig
 from ddpm import DiffusionConfig
-from guidance import classifier_free, multi_guidance, parse_lambdas
+from guidance import above_timestep, classifier_free, multi_guidance, parse_lambdas
 
 
 class Counting(torch.nn.Module):
@@ -64,6 +64,25 @@ def test_one_forward_and_one_backward_per_step_whatever_the_classes(k):
     model = lambda x, t: torch.zeros(x.shape[0], 6, *x.shape[2:])
     d.p_sample_loop(model, (2, 3, 16, 16), cond_fn=multi_guidance([clf], [[30.0] * k]))
     assert clf.forwards == 10 and clf.backwards == 10
+
+
+def test_above_timestep_keeps_the_gradient_at_and_above_t_min_only():
+    c = small_classifier(2, 5)
+    x, t = torch.randn(4, 3, 16, 16), torch.tensor([0, 499, 500, 3999])
+    full = multi_guidance([c], [[30.0, 30.0]])
+    g = above_timestep(full, 500)(x, t)
+    torch.testing.assert_close(g[2:], full(x, t)[2:])
+    assert torch.equal(g[:2], torch.zeros_like(g[:2]))
+    assert above_timestep(full, 0) is full and above_timestep(None, 500) is None
+
+
+def test_above_timestep_skips_the_classifier_below_t_min():
+    clf = Counting(small_classifier(2, 6))
+    d = DiffusionConfig(num_steps=1000).build().respace(10)
+    model = lambda x, t: torch.zeros(x.shape[0], 6, *x.shape[2:])
+    d.p_sample_loop(model, (2, 3, 16, 16), cond_fn=above_timestep(multi_guidance([clf], [[30.0, 30.0]]), 500))
+    guided = int((d.timestep_map >= 500).sum())
+    assert 0 < guided < 10 and clf.forwards == guided and clf.backwards == guided
 
 
 def test_guidance_runs_in_float32_under_autocast():
