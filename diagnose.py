@@ -27,7 +27,7 @@ import checkpoint as ckpt_io
 from data import circles_dataset, render_circles, to_float, to_uint8
 from evaluate import detect_circles
 from guidance import above_timestep, multi_guidance, parse_lambdas
-from sample import sampling_chain
+from sample import guide_t_min_default, sampling_chain
 
 
 def blob_counts(found):
@@ -145,7 +145,8 @@ def main(argv=None):
     ts = [0, T // 4, T // 2, 3 * T // 4, int(0.9 * T)]
     xs, profile = classifier_profile(clf, diffusion, size, radius, ts)
     prior = prior_probe(model, sampler, size, radius, sorted({3 * K // 4, K // 2, K // 4}, reverse=True), args.samples)
-    trajectory = guided_trajectory(model, sampler, clf, lambdas, size, args.samples, t_min=config.get("guide_t_min", 0))
+    t_min = guide_t_min_default(config)
+    trajectory = guided_trajectory(model, sampler, clf, lambdas, size, args.samples, t_min=t_min)
     dc = mean_error(model, diffusion, size, radius, [int(0.99 * T), int(0.95 * T), int(0.75 * T), T // 2])
     levels, dim = dim_profile(clf, diffusion, size, radius, ts)
     report = dict(run=str(run), classifier=str(path), centres_x=xs.tolist(), classifier_p_right=profile,
@@ -159,7 +160,6 @@ def main(argv=None):
               "| image | t | 0 / 1 / 2 / 3+ circles | mean x / W of single circles |", "|---|---|---|---|"]
     lines += [f"| {r['image']} | {r['t']} | {' / '.join(map(str, r['counts']))} | "
               f"{'' if r['single_x_mean'] is None else format(r['single_x_mean'], '.2f')} |" for r in prior]
-    t_min = config.get("guide_t_min", 0)
     lines += ["", f"## 3. Blobs in x̂_0 along a guided chain (λ = {args.lambdas}"
               f"{f', guided at t >= {t_min}' if t_min else ''}; the last row: the samples)", "",
               "| t | 0 / 1 / 2 / 3+ blobs |", "|---|---|"]

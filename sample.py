@@ -441,9 +441,8 @@ def main(argv=None):
         tag = "_".join(filter(None, [tag, f"cfg{args.cfg:g}" if args.cfg is not None else ""])) or "unguided"
         mode = "interpolate_" if args.interpolate else "edit_" if args.edit else ""
         dc_tag = "" if dc == dc_default else "_dc" if dc else "_nodc"
-        at_tag = "_atmean" if args.guide_at == "mean" else ""
-        at_tag += "" if t_min == t_min_default else f"_from{t_min}"
-        name = args.name or (f"{mode}{tag}_steps{steps}{'_ddim' if args.ddim else ''}{dc_tag}{at_tag}_n{n}"
+        guide_tag = ("_atmean" if args.guide_at == "mean" else "") + ("" if t_min == t_min_default else f"_from{t_min}")
+        name = args.name or (f"{mode}{tag}_steps{steps}{'_ddim' if args.ddim else ''}{dc_tag}{guide_tag}_n{n}"
                              f"_seed{args.seed}")
         if args.interpolate or args.edit:
             inversion_inputs(args, config, n)       # fail on bad --images before any work
