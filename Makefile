@@ -22,4 +22,10 @@ test: setup
 bench: setup
 	$(BIN)/python bench.py
 
-.PHONY: setup demo test bench
+# Mutation testing of the fast unit tests (config: setup.cfg [mutmut]); slow, not part of `make test` or CI.
+# One worker, one torch thread. `$(BIN)/mutmut results` lists survivors, `$(BIN)/mutmut show NAME` shows one.
+mutants: setup
+	$(BIN)/pip install -q mutmut==3.8.1
+	OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children 1 $(MUTANTS)
+
+.PHONY: setup demo test bench mutants

@@ -227,16 +227,23 @@ class SpectralNorm(nn.Module):
 
     @torch.no_grad()
     def _power_iteration(self, mat, n):
-        """u <- Wv/|Wv|, v <- Wᵀu/|Wᵀu|; a zero weight leaves u, v unchanged instead of zeroing them."""
+        """n steps of u <- Wv/|Wv|, then v <- Wᵀu/|Wᵀu| from that *new* u [Miyato et al. 2018, Alg. 1].
+
+        The order is torch.nn.utils.parametrizations.spectral_norm's, so the same buffers give the same σ̂.
+        Each vector is computed from the other's latest value: one chain, so σ̂ = uᵀWv = |Wᵀu| >= 0 and it
+        rises to σ_max(W). A zero product (a zero-initialised layer) leaves that vector unchanged instead of
+        zeroing it, so the iteration resumes as soon as the weight becomes non-zero.
+        """
         for _ in range(n):
-            for vec, new in ((self._v, mat.t() @ self._u), (self._u, mat @ self._v)):
+            for vec, other, m in ((self._u, self._v, mat), (self._v, self._u, mat.t())):
+                new = m @ other
                 norm = new.norm()
                 if norm > self.eps:
                     vec.copy_(new / norm)
 
     def sigma(self, weight):
-        mat = weight.flatten(1)
-        return torch.dot(self._u, mat @ self._v)
+        """σ̂ = uᵀ W v, W the weight reshaped to (out, in·k·k); gradients flow through W, not through u, v."""
+        return torch.dot(self._u, weight.flatten(1) @ self._v)
 
     def forward(self, weight):
         if self.training:
@@ -258,6 +265,26 @@ def apply_spectral_norm(model, lipschitz=0.5, n_power_iterations=2):
             parametrize.register_parametrization(
                 module, "weight", SpectralNorm(module.weight, lipschitz, n_power_iterations))
     return model
+
+
+@torch.no_grad()
+def converge_spectral_norm(model, n_iterations=500):
+    """Run every SpectralNorm's power iteration n more times on the layer's *current* weight; returns the count.
+
+    Training iterates on the weight of each forward, before the optimizer step moves it, so after the last
+    step u, v lag one update behind and the bound can be exceeded by a few percent (most in zero-initialised
+    layers, whose small weights move the most in relative terms). Call after training, before evaluating or
+    saving: in eval mode the buffers are not updated.
+    """
+    count = 0
+    for module in model.modules():
+        if parametrize.is_parametrized(module, "weight"):
+            for p in module.parametrizations.weight:
+                if isinstance(p, SpectralNorm):
+                    p._power_iteration(module.parametrizations.weight.original.detach().flatten(1).float(),
+                                       n_iterations)
+                    count += 1
+    return count
 
 
 def spectral_norm_sigmas(model):

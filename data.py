@@ -16,13 +16,17 @@ a = Smiling, b = Black_Hair). Subsets: an index file with one position in the tr
 
 Image folders: PNG/JPEG files named `{label}_{k}.png` (the official loader's convention: classes are the
 string-sorted filename prefixes) or any names (one class). Pixels map to [-1, 1] as x = u8 / 127.5 - 1.
+
+Every image file (folders and CelebA) is decoded by `read_rgb` to the 8-bit sRGB picture an image viewer shows:
+EXIF orientation applied, 16-bit samples scaled (v >> 8), transparency composited onto white, ICC profiles honoured.
 """
+import io
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageCms, ImageDraw, ImageOps
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -88,11 +92,95 @@ def sizes_dataset(image_size=32, r_min=2, r_max=11, delta=0.2, full_range=False,
 
 
 # ---------------------------------------------------------------------------------------------------
+# Image files
+# ---------------------------------------------------------------------------------------------------
+
+BACKGROUND = (255, 255, 255)   # what transparent pixels show: white, a web browser's default page colour
+_GREY16 = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+_SRGB = []                     # the LittleCMS sRGB profile, built on first use
+
+
+def _srgb_profile():
+    if not _SRGB:
+        _SRGB.append(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")))
+    return _SRGB[0]
+
+
+def _png_bit_depth(path):
+    """The IHDR bit depth of a PNG file (byte 24: the signature, then IHDR is always the first chunk)."""
+    with open(path, "rb") as f:
+        head = f.read(25)
+    return head[24] if len(head) == 25 else 8
+
+
+def read_rgb(path, background=BACKGROUND):
+    """uint8 [H, W, 3]: the 8-bit sRGB picture an ordinary image viewer shows for the image file at `path`.
+
+    H, W are the displayed size. Any Pillow mode and the metadata a viewer honours:
+      - orientation: the EXIF Orientation tag is applied (ImageOps.exif_transpose); 6 and 8 swap H and W;
+      - bit depth: 16-bit samples keep their high byte, v >> 8 = floor(v / 256) (Pillow's own rule for 16-bit
+        RGB/RGBA/LA PNGs, applied here to 16-bit grey, modes I;16*, and to mode I after clipping to
+        [0, 65535]); mode F (float) is read as [0, 1] = black..white, the float-TIFF convention, as
+        round(255 · clip(v, 0, 1)), NaN as 0; mode 1 is 0/255;
+      - transparency (alpha of RGBA/LA/PA/RGBa/La, palette tRNS, colour-key tRNS of 1/L/I;16/RGB, where a
+        16-bit RGB key is matched on its high bytes) is composited onto `background` (RGB triple, default
+        white) as round((c·a + b·(255 - a)) / 255): a fully transparent pixel shows the background, never
+        its hidden colour;
+      - colour: an embedded ICC profile is converted to sRGB (LittleCMS, perceptual intent); an unusable one
+        is ignored, as viewers do. Without a profile, values are sRGB and CMYK maps as R = (255-C)(255-K)/255
+        (Pillow's rule, the naive conversion browsers apply; Adobe-inverted CMYK JPEGs are un-inverted by
+        Pillow's decoder). LAB, HSV, YCbCr use Pillow's conversions. PNG gAMA/cHRM chunks are not applied.
+    Animated files give their first frame. Raises DataError if the file cannot be read as an image.
+    """
+    try:
+        with Image.open(path) as img:
+            depth = _png_bit_depth(path) if img.format == "PNG" else 8
+            img.load()
+            img = ImageOps.exif_transpose(img)          # a transposed copy that keeps img.info
+        return np.array(_viewer_rgb(img, depth, tuple(background)))
+    except (OSError, ValueError, SyntaxError, ImageCms.PyCMSError) as e:
+        raise DataError(f"cannot read image {path}: {e}; save it as an 8-bit RGB PNG or JPEG") from None
+
+
+def _viewer_rgb(img, depth, background):
+    """RGB PIL image for read_rgb: split off alpha, scale to 8 bits, apply the ICC profile, composite."""
+    icc, key, alpha = img.info.get("icc_profile"), img.info.get("transparency"), None
+    if img.mode in _GREY16 or img.mode == "F":
+        v = np.asarray(img)
+        if img.mode == "F":
+            grey = np.floor(np.nan_to_num(np.clip(v, 0, 1)) * 255 + 0.5)
+        else:
+            if isinstance(key, int):
+                alpha = Image.fromarray(np.where(v == key, 0, 255).astype(np.uint8))
+            grey = np.clip(v.astype(np.int64), 0, 65535) >> 8
+        img = Image.fromarray(grey.astype(np.uint8))
+    elif img.mode in ("P", "PA", "RGBa", "La"):
+        img = img.convert("RGBA" if img.mode != "La" else "LA")
+    elif img.mode in ("1", "L", "RGB") and key is not None:
+        if img.mode == "RGB" and depth == 16 and isinstance(key, tuple):
+            img.info["transparency"] = tuple(k >> 8 for k in key)     # the key is 16-bit, the pixels 8-bit
+        img = img.convert("LA" if img.mode != "RGB" else "RGBA")
+    if img.mode in ("LA", "RGBA"):
+        alpha, img = img.getchannel("A"), img.convert(img.mode[:-1])
+    if icc and img.mode in ("L", "RGB", "CMYK"):
+        try:
+            img = ImageCms.profileToProfile(img, ImageCms.ImageCmsProfile(io.BytesIO(icc)), _srgb_profile(),
+                                            outputMode="RGB")
+        except (ImageCms.PyCMSError, OSError, ValueError):
+            pass                                        # a broken or mismatched profile: show the raw values
+    img = img.convert("RGB")
+    if alpha is not None:
+        img = Image.composite(img, Image.new("RGB", img.size, background), alpha)
+    return img
+
+
+# ---------------------------------------------------------------------------------------------------
 # Image folders
 # ---------------------------------------------------------------------------------------------------
 
 def load_image_folder(folder, image_size=None):
-    """(images uint8 [N, H, W, 3], labels int64 [N], class names) from `{label}_{k}.png` files."""
+    """(images uint8 [N, H, W, 3], labels int64 [N], class names) from `{label}_{k}.png` files, each decoded by
+    read_rgb (as a viewer shows it), then centre-cropped and resized to image_size if given."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"image folder {folder} does not exist; pass --data-dir pointing at PNG/JPEG files")
@@ -103,10 +191,10 @@ def load_image_folder(folder, image_size=None):
     classes = sorted(set(prefixes))
     images = []
     for p in files:
-        img = Image.open(p).convert("RGB")
-        if image_size is not None and img.size != (image_size, image_size):
-            img = center_crop_resize(img, image_size)
-        images.append(np.asarray(img))
+        img = read_rgb(p)
+        if image_size is not None and img.shape[:2] != (image_size, image_size):
+            img = np.asarray(center_crop_resize(Image.fromarray(img), image_size))
+        images.append(img)
     if len({im.shape for im in images}) > 1:
         raise DataError(f"images in {folder} have different sizes; pass --image-size to resize them")
     return np.stack(images), np.array([classes.index(c) for c in prefixes], dtype=np.int64), classes
@@ -223,14 +311,11 @@ def celeba_split(root, attrs, split="train", index_file=None):
 
 
 def load_images(paths, image_size):
-    """uint8 [N, S, S, 3]: centre crop + resize of each file (CelebA: 178×178 -> S)."""
+    """uint8 [N, S, S, 3]: each file decoded by read_rgb, then centre crop + resize (CelebA: 178×178 -> S).
+    Raises DataError naming the first file that cannot be read."""
     out = np.empty((len(paths), image_size, image_size, 3), dtype=np.uint8)
     for i, p in enumerate(paths):
-        try:
-            with Image.open(p) as img:
-                out[i] = np.asarray(center_crop_resize(img.convert("RGB"), image_size))
-        except (OSError, ValueError) as e:
-            raise DataError(f"cannot read image {p}: {e}")
+        out[i] = np.asarray(center_crop_resize(Image.fromarray(read_rgb(p)), image_size))
     return out
 
 

@@ -51,10 +51,17 @@ def linear_betas(num_steps):
 
 
 def space_timesteps(num_steps, spec):
-    """The original indices kept when respacing, exactly like improved-diffusion's `space_timesteps`.
+    """The sorted original indices kept when respacing [IDDPM sec. 4], as improved-diffusion's `space_timesteps`
+    (improved_diffusion/respace.py) keeps them.
 
-    spec: an int K or "K" (evenly strided, Python round-half-to-even), "a,b,c" (T split into equal
-    sections, each with its own count) or "ddimK" (the smallest integer stride giving K steps).
+    spec: an int K or "K" (one section), "a,b,c" (T split into equal sections, the first T mod n one step
+    longer, each with its own count) or "ddimK" (the smallest integer stride giving exactly K steps).
+    A section of `size` steps with count c > 1 keeps start + round(x_j), x_0 = 0, x_{j+1} = x_j + (size-1)/(c-1),
+    the fractional stride *accumulated* in float64 and rounded half to even, as the reference does: round(j·stride)
+    differs from it at rounding ties (e.g. T = 1000, K = 21). A section with c = 1 keeps its first step.
+    One deliberate difference: K = 1 for the whole chain keeps T-1 (one step from pure noise to x_0, whose sample
+    is the clipped x̂_0), where the reference keeps 0: a chain starting at almost clean data, which its
+    GaussianDiffusion cannot even build (β̃_1 is missing). Every other spec gives the reference's indices.
     """
     spec = str(spec)
     if spec.startswith("ddim"):
@@ -64,6 +71,8 @@ def space_timesteps(num_steps, spec):
                 return list(range(0, num_steps, stride))
         raise ValueError(f"cannot make {k} evenly strided steps out of {num_steps}")
     counts = [int(c) for c in spec.split(",")]
+    if counts == [1]:
+        return [num_steps - 1]
     size_per, extra = divmod(num_steps, len(counts))
     kept, start = [], 0
     for i, count in enumerate(counts):
@@ -71,7 +80,8 @@ def space_timesteps(num_steps, spec):
         if not 1 <= count <= size:
             raise ValueError(f"cannot divide a section of {size} steps into {count}")
         stride = 1 if count <= 1 else (size - 1) / (count - 1)
-        kept += [start + round(j * stride) for j in range(count)]
+        x = np.add.accumulate(np.r_[0.0, np.full(count - 1, stride)])   # sequential float64 sums, as x += stride
+        kept += (start + np.rint(x).astype(np.int64)).tolist()           # rint: half to even, as Python's round
         start += size
     return sorted(set(kept))
 
@@ -157,9 +167,11 @@ class Diffusion:
         self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1)
         # q(x_{t-1} | x_t, x_0) [DDPM eq. 7]
         self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
-        # β̃_0 = 0, so its log is replaced by log β̃_1 (improved-diffusion's clipping).
+        # β̃_0 = 0, so its log is replaced by log β̃_1 (improved-diffusion's clipping). A one-step chain
+        # (respaced K = 1) has no β̃_1: β_0 stands in. Index 0 adds no noise, so no sample depends on it.
+        self.posterior_variance_1 = self.posterior_variance[1] if self.num_steps > 1 else betas[0]
         self.posterior_log_variance_clipped = np.log(
-            np.append(self.posterior_variance[1], self.posterior_variance[1:]))
+            np.append(self.posterior_variance_1, self.posterior_variance[1:]))
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = ((1.0 - self.alphas_cumprod_prev) * np.sqrt(self.alphas)
                                      / (1.0 - self.alphas_cumprod))
@@ -240,7 +252,7 @@ class Diffusion:
             if self.sigma_small:
                 var, log_var = self.posterior_variance, self.posterior_log_variance_clipped
             else:  # β_t, with β_0 replaced by β̃_1 so that the decoder's variance is not too large
-                var = np.append(self.posterior_variance[1], self.betas[1:])
+                var = np.append(self.posterior_variance_1, self.betas[1:])
                 log_var = np.log(var)
             variance = self._extract(var, t, x_t).expand_as(x_t)
             log_variance = self._extract(log_var, t, x_t).expand_as(x_t)

@@ -73,15 +73,23 @@ def above_timestep(cond_fn, t_min):
 def classifier_free(model, lambda_, num_classes):
     """Classifier-free multi-guidance [ZSI App. J, eq. 12] as a model wrapper.
 
-    out = -λ·out(x, ∅) + (1 + λ)·(1/K) Σ_c out(x, c), applied to every output channel (ε̂ and v), with
-    ∅ = label `num_classes` (the null embedding, trained with label dropout). The paper prints (1 - λ); the
-    official code uses (1 + λ), which makes the coefficients sum to 1 as in [CFG]; we follow the code.
+    ε̂ = -λ·ε̂(x, ∅) + (1 + λ)·(1/K) Σ_c ε̂(x, c), with ∅ = label `num_classes` (the null embedding, trained
+    with label dropout). The paper prints (1 - λ); the official code uses (1 + λ), which makes the coefficients
+    sum to 1 as in [CFG]; we follow the code.
+
+    Only ε̂ (the first C channels, C = x's channels) is guided. With a learned variance the v channels come from
+    the conditional branch, (1/K) Σ_c v(x, c), as GLIDE and DiT do: v interpolates log β̃_t and log β_t
+    [IDDPM eq. 15], and extrapolating it would put Σ outside [β̃_t, β_t] (at λ = 3, v_c = 0.9 and v_∅ = -0.9
+    give v = 6.3, a variance far above β_t). The official code combines every output channel, which is mild at
+    its configured λ = 0.1 (v moves by at most 0.1·|v_c - v_∅|) but unbounded at larger λ.
     """
     def guided(x, t, **kwargs):
-        n = x.shape[0]
+        n, c = x.shape[0], x.shape[1]
         labels = torch.arange(num_classes + 1, device=x.device).repeat_interleave(n)
         out = model(x.repeat(num_classes + 1, 1, 1, 1), t.repeat(num_classes + 1), y=labels)
         out = out.view(num_classes + 1, n, *out.shape[1:])
-        return -lambda_ * out[-1] + (1 + lambda_) * out[:-1].mean(0)
+        cond = out[:-1].mean(0)                                  # (1/K) Σ_c out(x, c)
+        eps = -lambda_ * out[-1, :, :c] + (1 + lambda_) * cond[:, :c]
+        return torch.cat([eps, cond[:, c:]], dim=1)
 
     return guided

@@ -26,12 +26,37 @@ def lerp(z0, z1, alpha):
     return (1 - alpha) * z0 + alpha * z1
 
 
+def inversion_index(t_fraction, num_steps):
+    """The respaced index of the latent at `t_fraction` in (0, 1] of a K-step chain: round(t_fraction·(K-1)),
+    at least 1.
+
+    x_0 sits at index 0 and ddim_reverse_loop(t_stop) runs t_stop reverse steps, so the reachable latents are
+    the indices 1..K-1 (original timesteps timestep_map[1..K-1]); t_fraction = 1 is index K-1, original
+    t = T-1, the whole chain. A one-step chain has no latent to invert to.
+    """
+    if num_steps < 2:
+        raise ValueError(f"--interpolate / --edit invert to a respaced index in 1..steps-1, so they need --steps 2 "
+                         f"or more; got {num_steps}")
+    if not 0 < t_fraction <= 1:
+        raise ValueError(f"--t-fraction must be in (0, 1], got {t_fraction}")
+    return min(num_steps - 1, max(1, round(t_fraction * (num_steps - 1))))
+
+
+def _check_index(diffusion, t_stop):
+    if not 1 <= t_stop <= diffusion.num_steps - 1:
+        raise ValueError(f"inversion index {t_stop} is outside 1..{diffusion.num_steps - 1}, the latents of a "
+                         f"{diffusion.num_steps}-step chain")
+
+
 def invert(diffusion, model, x0, t_stop):
-    """Deterministic DDIM latent of real images x0 ([-1, 1]) at respaced index t_stop."""
+    """Deterministic DDIM latent of real images x0 ([-1, 1]) at respaced index t_stop (1..K-1)."""
+    _check_index(diffusion, t_stop)
     return diffusion.ddim_reverse_loop(model, x0, t_stop)
 
 
 def decode(diffusion, model, z, t_stop, cond_fn=None, eta=0.0, generator=None):
+    """DDIM from the latent z at respaced index t_stop (1..K-1) down to x_0."""
+    _check_index(diffusion, t_stop)
     return diffusion.ddim_sample_loop(model, z.shape, noise=z, t_start=t_stop, eta=eta, cond_fn=cond_fn,
                                       generator=generator, device=z.device)
 

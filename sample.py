@@ -6,15 +6,19 @@
   python sample.py --classifier classifier --lambdas 30,30 --classifier classifier_sn --lambdas 10,10
 
 Everything is rebuilt from the run folder (config and checkpoints). Writes a new folder
-<run>/samples/<tag>/ (never overwriting one, unless --overwrite) with samples.npz (key `images`: uint8
+<run>/samples/<tag>/ (never overwriting one, unless --overwrite; filled under a temporary name and renamed when
+complete, so a failed run leaves nothing behind) with samples.npz (key `images`: uint8
 N×H×W×3, plus `lambdas`, `seed`, `classifiers`), grid.png, and for circles report.json/report.md, the
 histogram of circle centres (training data vs unguided vs guided) and the classifier heatmaps (Fig. 7b).
 
   torchrun --nproc_per_node 4 sample.py --run-dir runs/circles --lambdas 30,30   # 4 processes/GPUs, same samples
 """
 import argparse
+import contextlib
 import json
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,7 +26,8 @@ import numpy as np
 import torch
 
 import checkpoint as ckpt_io
-from data import DataError, channel_mean_stats, circles_dataset, save_grid, sizes_dataset, to_uint8
+import inversion
+from data import DataError, channel_mean_stats, circles_dataset, save_grid, sizes_dataset, to_float, to_uint8
 from evaluate import (MIN_AREA, circle_metrics, detect_circles, size_metrics, classifier_heatmap, plot_heatmaps, plot_histograms, plot_overview,
                       write_report)
 from guidance import above_timestep, classifier_free, multi_guidance, parse_lambdas
@@ -104,7 +109,9 @@ def parse_args(argv=None):
     g.add_argument("--cfg", type=float, default=None,
                    help="classifier-free multi-guidance weight λ of eq. 12 (needs a run trained with --cfg-dropout)")
     g = p.add_argument_group("sampler")
-    g.add_argument("--steps", type=int, default=None, help="respaced steps (default: the run's, 64 circles / 250 paper)")
+    g.add_argument("--steps", type=int, default=None,
+                   help="respaced steps in 1..T, 1 = one step from pure noise (default: the run's, 64 circles / "
+                        "250 paper)")
     g.add_argument("--ddim", action="store_true", help="DDIM instead of ancestral sampling")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM η (0 = deterministic)")
     g.add_argument("--guide-at", choices=["x_t", "mean"], default="x_t",
@@ -137,11 +144,14 @@ def parse_args(argv=None):
                    help="App. N: invert real images (--images, or --num-samples border circles) to --t-fraction and "
                         "denoise them with the guidance of --lambdas, DDIM with η_t = t / t_start")
     g.add_argument("--images", default=None, help="comma-separated image files for --interpolate / --edit")
-    g.add_argument("--t-fraction", type=float, default=0.5, help="inversion depth as a fraction of the chain")
+    g.add_argument("--t-fraction", type=float, default=0.5,
+                   help="inversion depth as a fraction of the chain, in (0, 1]: respaced index round(f·(steps-1)), "
+                        "at least 1; 1 = the last kept timestep T-1")
     g.add_argument("--points", type=int, default=9, help="--interpolate: points on the path")
     g = p.add_argument_group("output")
     g.add_argument("--name", default=None, help="folder name under <run>/samples (default: from λ, steps, seed)")
-    g.add_argument("--overwrite", action="store_true", help="reuse an existing folder of the same name")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an existing folder of the same name (once the new one is complete)")
     g.add_argument("--heatmaps", choices=["main", "all"], default="main",
                    help="circles: classifier heatmaps (Fig. 7b) of the guidance classifiers and the run's classifier / "
                         "classifier_sn (main), or of every classifier in the run folder (all: slow after a repeat)")
@@ -199,6 +209,28 @@ def output_dir(run, name, overwrite):
     while (run / "samples" / f"{name}-{k}").exists():
         k += 1
     return run / "samples" / f"{name}-{k}"
+
+
+@contextlib.contextmanager
+def staged_output(out):
+    """Yield a new hidden folder beside `out`'s parent to write everything into; it becomes `out` only when the
+    block ends without an error. On any failure (an exception, Ctrl-C) it is deleted, so no empty or half-written
+    `out` is left; an existing `out` (--overwrite) is replaced whole at the end, never mixed with new files."""
+    out.parent.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        old = tmp.with_name(tmp.name + ".old")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
 
 
 def heatmap_classifiers(run, classifiers, which="main"):
@@ -328,16 +360,13 @@ def inversion_inputs(args, config, n):
 
 def run_inversion(args, model, diffusion, cond_fn, config, run, out, device):
     """App. M interpolation strip or App. N edits, with circle positions measured when the data is circles."""
-    import inversion
-    from data import to_float
     real = inversion_inputs(args, config, args.num_samples or 64)
     net = amp_model(model, device, args.amp, args.channels_last)
-    t_stop = max(1, round(args.t_fraction * diffusion.num_steps))
+    t_stop = inversion.inversion_index(args.t_fraction, diffusion.num_steps)
     x = to_float(real).to(device)
-    out.mkdir(parents=True, exist_ok=True)
     circles = config["data"]["name"] == "circles"
     report = dict(run=str(run), mode="interpolate" if args.interpolate else "edit", steps=diffusion.num_steps,
-                  t_stop=t_stop, t_fraction=args.t_fraction)
+                  t_stop=t_stop, t_stop_original=int(diffusion.timestep_map[t_stop]), t_fraction=args.t_fraction)
     scale = max(1, 128 // real.shape[1])
     if args.interpolate:
         paths, alphas = inversion.interpolate(diffusion, net, x[0], x[1], t_stop, args.points)
@@ -368,7 +397,6 @@ def run_inversion(args, model, diffusion, cond_fn, config, run, out, device):
     write_report(report, out, f"DDIM {report['mode']} on {run}")
     print(f"[sample] {report['mode']}: " + ", ".join(f"{k} {v}" for k, v in report.items()
                                                    if k.endswith(("middle", "2px_or_more", "_x"))), flush=True)
-    print(f"done: {out}", flush=True)
     return out
 
 
@@ -435,6 +463,8 @@ def main(argv=None):
             raise ValueError("--guide-t-min limits classifier guidance: it needs --lambdas (or drop --guide-t-min)")
         if not 1 <= steps <= diffusion.num_steps:
             raise ValueError(f"--steps must be in 1..{diffusion.num_steps}, got {steps}")
+        if args.interpolate or args.edit:
+            inversion.inversion_index(args.t_fraction, steps)     # a latent index in 1..steps-1 exists
         circles = config["data"]["name"] == "circles"
         n = args.num_samples or (1000 if circles else 10000)
         tag = "_".join(f"{nm}{'-'.join(f'{v:g}' for v in l)}" for (nm, _), l in zip(named_paths, lambdas))
@@ -453,7 +483,10 @@ def main(argv=None):
 
     cond_fn = above_timestep(multi_guidance(classifiers, lambdas), t_min) if classifiers else None
     if args.interpolate or args.edit:
-        return run_inversion(args, model, diffusion.respace(steps), cond_fn, config, run, out, device)
+        with staged_output(out) as tmp:
+            run_inversion(args, model, diffusion.respace(steps), cond_fn, config, run, tmp, device)
+        print(f"done: {out}", flush=True)
+        return out
     print(f"[sample] {n} samples, {steps} {'DDIM' if args.ddim else 'ancestral'} steps"
           f"{', DC correction' if dc else ''}, guidance {tag}{f' at t >= {t_min}' if classifiers and t_min else ''}, "
           f"device {device} -> {out}", flush=True)
@@ -467,46 +500,49 @@ def main(argv=None):
         torch.distributed.destroy_process_group()
         if rank != 0:
             return out
-    out.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(out / "samples.npz", images=samples, lambdas=json.dumps(lambdas), seed=args.seed,
-                        batch_size=args.batch_size, classifiers=json.dumps([str(p) for _, p in named_paths]))
-    save_grid(samples[:100], out / "grid.png", nrow=10, scale=max(1, 128 // samples.shape[1]))
-    report = dict(run=str(run), guidance=tag, lambdas=json.dumps(lambdas), steps=steps,
-                  sampler="ddim" if args.ddim else "ancestral", dc_correction=dc, guide_at=args.guide_at,
-                  guide_t_min=t_min if classifiers else None,
-                  num_samples=n, seed=args.seed,
-                  batch_size=args.batch_size, seconds=round(seconds, 1))
-    if circles:
-        m = circle_metrics(samples)
-        report.update(accuracy_middle=m["accuracy"], zero_or_multi=m["invalid"], zero_circles=m["zero_circles"],
-                      multi_circles=m["multi_circles"], min_area=MIN_AREA,
-                      accuracy_any_size=m["accuracy_any_size"], zero_or_multi_any_size=m["invalid_any_size"])
-        label = sample_label(lambdas, args.cfg)
-        circles_pictures(samples, m["x"], label, config, run, out, named_paths, device, args.heatmaps)
-        print(f"[sample] accuracy (one circle, centre x/W in [0.2, 0.8]) {m['accuracy'] * 100:.1f}% | "
-              f"0 or 2+ circles {m['invalid'] * 100:.1f}% (blobs of any size: {m['accuracy_any_size'] * 100:.1f}% | "
-              f"{m['invalid_any_size'] * 100:.1f}%) | {seconds:.0f}s", flush=True)
-    if config["data"]["name"] == "sizes":
-        d = config["data"]
-        m = size_metrics(samples, d["r_min"], d["r_max"])
-        _, _, train_r = sizes_dataset(d["image_size"], d["r_min"], d["r_max"], d["delta"], seed=d["seed"])
-        report.update(accuracy_middle=m["accuracy"], zero_or_multi=m["invalid"],
-                      larger_than_training=float((m["z"] > 1).sum() / n),
-                      median_radius=float(np.median(m["radius"])) if len(m["radius"]) else None)
-        plot_histograms({"training data": (train_r - d["r_min"]) / (d["r_max"] - d["r_min"]), tag: m["z"]},
-                        out / "histogram_size.png", "normalised radius (r - r_min) / (r_max - r_min)", bins=60,
-                        span=None)
-        print(f"[sample] sizes: {m['accuracy'] * 100:.1f}% of samples have a radius in the unseen middle | "
-              f"{report['larger_than_training'] * 100:.1f}% larger than any training object | "
-              f"0 or 2+ objects {m['invalid'] * 100:.1f}%", flush=True)
-    evaluators = evaluator_paths(args, config, run)
-    if evaluators:
-        label = "unguided" if not classifiers and args.cfg is None else tag
-        report.update(attribute_report(samples, evaluators, config, run, out, label, device))
-    if args.quality:
-        report.update(quality(samples, config, run, named_paths[0][1] if named_paths else run / "classifier.pt",
-                              out, device))
-    write_report(report, out, f"Samples of {run}: {tag}")
+    final = out
+    with staged_output(final) as out:     # the block writes into a temporary folder
+        np.savez_compressed(out / "samples.npz", images=samples, lambdas=json.dumps(lambdas), seed=args.seed,
+                            batch_size=args.batch_size, classifiers=json.dumps([str(p) for _, p in named_paths]))
+        save_grid(samples[:100], out / "grid.png", nrow=10, scale=max(1, 128 // samples.shape[1]))
+        report = dict(run=str(run), guidance=tag, lambdas=json.dumps(lambdas), steps=steps,
+                      sampler="ddim" if args.ddim else "ancestral", dc_correction=dc, guide_at=args.guide_at,
+                      guide_t_min=t_min if classifiers else None,
+                      num_samples=n, seed=args.seed,
+                      batch_size=args.batch_size, seconds=round(seconds, 1))
+        if circles:
+            m = circle_metrics(samples)
+            report.update(accuracy_middle=m["accuracy"], zero_or_multi=m["invalid"], zero_circles=m["zero_circles"],
+                          multi_circles=m["multi_circles"], min_area=MIN_AREA,
+                          accuracy_any_size=m["accuracy_any_size"], zero_or_multi_any_size=m["invalid_any_size"])
+            label = sample_label(lambdas, args.cfg)
+            circles_pictures(samples, m["x"], label, config, run, out, named_paths, device, args.heatmaps)
+            print(f"[sample] accuracy (one circle, centre x/W in [0.2, 0.8]) {m['accuracy'] * 100:.1f}% | "
+                  f"0 or 2+ circles {m['invalid'] * 100:.1f}% (blobs of any size: "
+                  f"{m['accuracy_any_size'] * 100:.1f}% | {m['invalid_any_size'] * 100:.1f}%) | {seconds:.0f}s",
+                  flush=True)
+        if config["data"]["name"] == "sizes":
+            d = config["data"]
+            m = size_metrics(samples, d["r_min"], d["r_max"])
+            _, _, train_r = sizes_dataset(d["image_size"], d["r_min"], d["r_max"], d["delta"], seed=d["seed"])
+            report.update(accuracy_middle=m["accuracy"], zero_or_multi=m["invalid"],
+                          larger_than_training=float((m["z"] > 1).sum() / n),
+                          median_radius=float(np.median(m["radius"])) if len(m["radius"]) else None)
+            plot_histograms({"training data": (train_r - d["r_min"]) / (d["r_max"] - d["r_min"]), tag: m["z"]},
+                            out / "histogram_size.png", "normalised radius (r - r_min) / (r_max - r_min)", bins=60,
+                            span=None)
+            print(f"[sample] sizes: {m['accuracy'] * 100:.1f}% of samples have a radius in the unseen middle | "
+                  f"{report['larger_than_training'] * 100:.1f}% larger than any training object | "
+                  f"0 or 2+ objects {m['invalid'] * 100:.1f}%", flush=True)
+        evaluators = evaluator_paths(args, config, run)
+        if evaluators:
+            label = "unguided" if not classifiers and args.cfg is None else tag
+            report.update(attribute_report(samples, evaluators, config, run, out, label, device))
+        if args.quality:
+            report.update(quality(samples, config, run, named_paths[0][1] if named_paths else run / "classifier.pt",
+                                  out, device))
+        write_report(report, out, f"Samples of {run}: {tag}")
+    out = final
     print(f"done: {out}", flush=True)
     return out
 

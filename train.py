@@ -19,6 +19,7 @@ import copy
 import csv
 import json
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 import checkpoint as ckpt_io
-from classifier import ClassifierConfig, default_channel_mult, noisy_classifier_loss
+from classifier import ClassifierConfig, converge_spectral_norm, default_channel_mult, noisy_classifier_loss
 from data import (CELEBA_LAYOUT, Batches, DataError, celeba_split, channel_mean_stats, circles_dataset,
                   load_image_folder, load_images, oversample, save_grid, sizes_dataset)
 from ddpm import DiffusionConfig
@@ -129,7 +130,8 @@ def parse_args(argv=None):
     g.add_argument("--channel-mult", default=None, help="U-Net width multipliers per level, e.g. 1,2,2")
     g.add_argument("--num-res-blocks", type=int, default=None, help="U-Net residual blocks per level")
     g.add_argument("--attention-resolutions", default=None, help="feature-map sizes with attention, e.g. 16,8")
-    g.add_argument("--sample-steps", type=int, default=None, help="respaced steps for sampling (default: preset)")
+    g.add_argument("--sample-steps", type=int, default=None,
+                   help="respaced steps for sampling, in 1..--diffusion-steps (default: preset)")
     g.add_argument("--dc-correction", action=argparse.BooleanOptionalAction, default=None,
                    help="sample with ε̂'s per-image channel means replaced by their closed-form posterior mean "
                         "(ddpm.Diffusion.dc_corrected_eps; not in the paper; default: on for the cpu preset)")
@@ -231,27 +233,6 @@ def build_config(args):
         mirror = args.preset == "cpu" and args.data == "circles"
     clf_cfg = ClassifierConfig(**clf, spectral_norm=args.spectral_norm, lipschitz=args.lipschitz,
                                mirror_equivariant=mirror)
-    if not args.lipschitz > 0:
-        raise DataError(f"--lipschitz must be a positive number, got {args.lipschitz}")
-    for net, mult in (("U-Net", unet_cfg.channel_mult), ("classifier", clf_cfg.channel_mult)):
-        if image_size % 2 ** (len(mult) - 1):
-            raise DataError(f"--image-size {image_size} is not divisible by {2 ** (len(mult) - 1)}, the total "
-                            f"downsampling of the {net} (channel_mult {tuple(mult)}); pick a multiple of it")
-    if not 0 <= args.cfg_dropout < 1:
-        raise DataError(f"--cfg-dropout must be in [0, 1), got {args.cfg_dropout}")
-    for name, value in (("--steps", args.steps), ("--batch-size", args.batch_size),
-                        ("--classifier-steps", args.classifier_steps),
-                        ("--classifier-batch-size", args.classifier_batch_size)):
-        if value is not None and value < 1:
-            raise DataError(f"{name} must be a positive integer, got {value}")
-    if args.lr_decay is not None and not 0 <= args.lr_decay <= 1:
-        raise DataError(f"--lr-decay is the fraction of the steps with a decaying lr, in [0, 1]; got {args.lr_decay}")
-    if args.guide_t_min is not None and not 0 <= args.guide_t_min <= args.diffusion_steps:
-        raise DataError(f"--guide-t-min is a timestep in [0, {args.diffusion_steps}] (0 = guide every step); "
-                        f"got {args.guide_t_min}")
-    if not 0 <= args.classifier_intensity <= 1:
-        raise DataError(f"--classifier-intensity is the smallest dimming factor, in [0, 1] (1 = off); "
-                        f"got {args.classifier_intensity}")
     return dict(
         data=data,
         diffusion=asdict(DiffusionConfig(num_steps=args.diffusion_steps, vb_scale=args.vb_scale,
@@ -266,7 +247,7 @@ def build_config(args):
                    lr_decay=preset["lr_decay"] if args.lr_decay is None else args.lr_decay,
                    cfg_dropout=args.cfg_dropout,
                    flip=True, preset=args.preset),
-        sample_steps=args.sample_steps or preset["sample_steps"],
+        sample_steps=preset["sample_steps"] if args.sample_steps is None else args.sample_steps,
         dc_correction=args.preset == "cpu" if args.dc_correction is None else args.dc_correction,
         guide_t_min=(round(preset["guide_from"] * args.diffusion_steps) if args.guide_t_min is None
                      else args.guide_t_min),
@@ -277,6 +258,87 @@ def build_config(args):
                               augment=args.classifier_augment or ("none" if args.data in ("circles", "sizes") else "flip"),
                               intensity=args.classifier_intensity),
     )
+
+
+def check_run(args, config, device, world, what):
+    """Every constraint between the flags (and the preset defaults they combine with), in one place, checked
+    before any data is read or anything is written: a bad combination is one DataError line and exit 2, never
+    a crash after training. `config` is build_config's (with a saved run's data and chain when adding a
+    classifier); `what` the models to train.
+    """
+    T = config["diffusion"]["num_steps"]
+    if args.resume and args.overwrite:
+        raise DataError("--resume continues the run's checkpoints and --overwrite starts afresh: pass one of them")
+    if args.what in ("evaluator", "filter") and config["data"]["name"] != "celeba":
+        raise DataError(f"--what {args.what} needs --data celeba (train/valid splits and attributes)")
+    if args.overlap and args.what != "all":
+        raise DataError(f"--overlap trains the classifier beside the DDPM, and --what {args.what} trains one "
+                        f"model: use --what all or drop --overlap")
+    if args.overlap and (device.type != "cpu" or world > 1):
+        raise DataError("--overlap runs on the CPU in one process; drop it for GPUs and torchrun")
+    if T < 1:
+        raise DataError(f"--diffusion-steps must be a positive integer, got {T}")
+    positive = [("--steps", args.steps), ("--batch-size", args.batch_size),
+                ("--classifier-steps", args.classifier_steps), ("--classifier-batch-size", args.classifier_batch_size),
+                ("--log-every", args.log_every), ("--ckpt-every", args.ckpt_every), ("--eval-steps", args.eval_steps),
+                ("--eval-width", args.eval_width), ("--members", args.members), ("--image-size", args.image_size),
+                ("--radius", args.radius)]
+    for name, value in positive:
+        if value is not None and value < 1:
+            raise DataError(f"{name} must be a positive integer, got {value}")
+    for name, value in (("--lr", args.lr), ("--classifier-lr", args.classifier_lr), ("--lipschitz", args.lipschitz)):
+        if value is not None and not 0 < value < float("inf"):
+            raise DataError(f"{name} must be a positive number, got {value}")
+    if args.ema is not None and not 0 < args.ema < 1:
+        raise DataError(f"--ema is the EMA rate, in (0, 1), got {args.ema}")
+    if not 0 <= args.vb_scale < float("inf"):
+        raise DataError(f"--vb-scale is the weight of L_t, a number >= 0, got {args.vb_scale}")
+    if args.eval_samples < 0:
+        raise DataError(f"--eval-samples must be >= 0 (0 = no samples after training), got {args.eval_samples}")
+    if not 0 <= args.cfg_dropout < 1:
+        raise DataError(f"--cfg-dropout must be in [0, 1), got {args.cfg_dropout}")
+    if args.lr_decay is not None and not 0 <= args.lr_decay <= 1:
+        raise DataError(f"--lr-decay is the fraction of the steps with a decaying lr, in [0, 1]; got {args.lr_decay}")
+    if not 0 <= args.classifier_intensity <= 1:
+        raise DataError(f"--classifier-intensity is the smallest dimming factor, in [0, 1] (1 = off); "
+                        f"got {args.classifier_intensity}")
+    if config["data"]["name"] in ("circles", "sizes") and not 0 < args.delta <= 0.5:
+        raise DataError(f"--delta is the width of each training border, in (0, 0.5]; got {args.delta}")
+    if not 0 <= config["guide_t_min"] <= T:
+        raise DataError(f"--guide-t-min is a timestep in [0, {T}] (0 = guide every step); got {config['guide_t_min']}")
+    if "ddpm" in what and not 1 <= config["sample_steps"] <= T:
+        given = "--sample-steps" if args.sample_steps is not None else f"the {args.preset} preset's --sample-steps"
+        raise DataError(f"{given} {config['sample_steps']} must be in 1..{T} (--diffusion-steps {T}): pass "
+                        f"--sample-steps between 1 and {T}, or more --diffusion-steps")
+    if args.what == "filter":
+        sizes = parse_ints(args.train_size, "--train-size")
+        if min(sizes) < 2:
+            raise DataError(f"--train-size takes subset sizes >= 2 (k = size/2 per side), got {args.train_size}")
+        for name, tau in (("--tau1", args.tau1), ("--tau2", args.tau2)):
+            if not 0 < tau < 1:
+                raise DataError(f"{name} is a confidence threshold, in (0, 1); got {tau}")
+    for flag, b in (("--batch-size", config["train"]["batch_size"]),
+                    ("--classifier-batch-size", config["classifier_train"]["batch_size"])):
+        if b % world:
+            raise DataError(f"{flag} {b} (the global batch) is not divisible by the {world} processes")
+    image_size = config["data"]["image_size"]
+    nets = [("U-Net", config["unet"]["channel_mult"] if config.get("arch", "unet") == "unet" else None),
+            ("classifier", config["classifier"]["channel_mult"])]
+    for net, mult in nets:
+        if mult is not None and image_size % 2 ** (len(mult) - 1):
+            raise DataError(f"--image-size {image_size} is not divisible by {2 ** (len(mult) - 1)}, the total "
+                            f"downsampling of the {net} (channel_mult {tuple(mult)}); pick a multiple of it")
+    # The rest (attention heads vs widths, DiT patch and heads): build both networks without memory.
+    structure = dict(config, classifier=dict(config["classifier"], spectral_norm=False))  # SN's init needs values
+    for net, build in (("denoiser", lambda: ckpt_io.build_ddpm(structure)),
+                       ("classifier", lambda: ckpt_io.build_classifier(structure))):
+        if net == "denoiser" and "ddpm" not in what or net == "classifier" and "classifier" not in what:
+            continue
+        try:
+            with torch.device("meta"):
+                build()
+        except (ValueError, AssertionError) as e:
+            raise DataError(f"the {net} cannot be built from these flags: {e}") from None
 
 
 def load_data(data_cfg):
@@ -535,6 +597,10 @@ def train_classifier(config, out, args, device, name, data, dist=(0, 1)):
                    resume=args.resume, log_every=args.log_every, ckpt_every=args.ckpt_every, dist=dist)
     if dist[0] != 0:
         return
+    if converge_spectral_norm(model):   # the saved u, v must match the final weights (see its docstring)
+        state = ckpt_io.load(out / f"{name}.pt")
+        state["model"] = model.state_dict()
+        ckpt_io.save_atomic(state, out / f"{name}.pt")
     ckpt_io.write_json(clf_config, out / f"{name}.json")
     if config["data"]["name"] == "circles":
         from evaluate import classifier_heatmap, plot_heatmaps
@@ -556,8 +622,6 @@ def overlap_steps(args, config, device, world, what):
         on = device.type == "cpu" and world == 1 and torch.get_num_threads() >= 2
     if not on or what != ("ddpm", "classifier"):
         return 0
-    if device.type != "cpu" or world > 1:
-        raise DataError("--overlap runs on the CPU in one process; drop it for GPUs and torchrun")
     return max(1, round(OVERLAP_RATIO * config["classifier_train"]["steps"]))
 
 
@@ -694,12 +758,30 @@ def filter_cmd(config, out, args, device):
     print(f"[filter] counts {result['counts']} -> {out}/{stem}_<size>.txt", flush=True)
 
 
+def new_folder_root(path):
+    """The outermost of `path` and its parents that does not exist yet (what mkdir(parents=True) creates), or None."""
+    root = None
+    for p in (path, *path.parents):
+        if p.exists():
+            break
+        root = p
+    return root
+
+
+def discard_unfinished(root, out):
+    """After a failed run: delete the folders it created (`root`, holding the run folder `out`) unless a checkpoint
+    in `out` can continue it with --resume, so a failed start leaves no empty or half-written run folder."""
+    if root is not None and root.exists() and not any(out.glob("*.pt")):
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt   # SIGTERM (a scheduler's preemption) saves like Ctrl-C
 
 
 def main(argv=None):
     args = parse_args(argv)
+    fresh = out = None   # the outermost run folder this call creates (rank 0), removed again if the run fails early
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
         signal.signal(signal.SIGINT, _interrupt)   # also when started with SIGINT ignored (a `cmd &` in a script)
@@ -710,9 +792,6 @@ def main(argv=None):
         out = Path(args.out or f"runs/{args.data}")
         name = args.classifier_name or ("classifier_sn" if args.spectral_norm else "classifier")
         what = ("ddpm", "classifier") if args.what == "all" else (args.what,)
-        if args.overlap and args.what != "all":
-            raise DataError(f"--overlap trains the classifier beside the DDPM, and --what {args.what} trains one "
-                            f"model: use --what all or drop --overlap")
         saved = None
         if "ddpm" not in what and (out / "config.json").exists():
             saved = json.loads((out / "config.json").read_text())
@@ -720,13 +799,13 @@ def main(argv=None):
         config = build_config(args)
         if saved is not None:  # a classifier added to a run shares the DDPM's data and chain
             config.update(data=saved["data"], diffusion=saved["diffusion"])
+        check_run(args, config, device, world, what)
         for kind, path in (("ddpm", out / "ddpm.pt"), ("classifier", out / f"{name}.pt")):
             if kind in what and path.exists() and not (args.resume or args.overwrite):
                 raise DataError(f"{path} exists; pass --resume to continue it or --overwrite to start afresh "
                                 f"(or --out NEW_DIR)")
         if args.what in ("evaluator", "filter"):
-            if config["data"]["name"] != "celeba":
-                raise DataError(f"--what {args.what} needs --data celeba (train/valid splits and attributes)")
+            fresh = new_folder_root(out)
             out.mkdir(parents=True, exist_ok=True)
             (train_evaluator_cmd if args.what == "evaluator" else filter_cmd)(config, out, args, device)
             print(f"done: {out}", flush=True)
@@ -735,11 +814,8 @@ def main(argv=None):
         config["classifier"]["num_classes"] = max(2, int(data[1].max()) + 1)
         if args.cfg_dropout > 0:   # K classes + the null label K
             ckpt_io.backbone_config(config)["num_classes"] = config["classifier"]["num_classes"] + 1
-        for flag, b in (("--batch-size", config["train"]["batch_size"]),
-                        ("--classifier-batch-size", config["classifier_train"]["batch_size"])):
-            if b % world:
-                raise DataError(f"{flag} {b} (the global batch) is not divisible by the {world} processes")
         if rank == 0:
+            fresh = new_folder_root(out)
             out.mkdir(parents=True, exist_ok=True)
         beside = None
         if "ddpm" in what:
@@ -756,8 +832,12 @@ def main(argv=None):
         if world > 1:
             torch.distributed.destroy_process_group()
     except (DataError, ckpt_io.CheckpointError, TrainingError, ValueError) as e:
+        discard_unfinished(fresh, out)
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except BaseException:   # a crash, Ctrl-C, SIGTERM: the same rule
+        discard_unfinished(fresh, out)
+        raise
     print(f"done: {out}", flush=True)
 
 

@@ -1,6 +1,7 @@
 """bench.py: the timing helper interleaves what it compares, and a tiny table can be produced (no timings asserted)."""
 import math
 
+import pytest
 import torch
 
 from bench import bench_config, timed
@@ -27,3 +28,20 @@ def test_bench_config_gives_one_finite_row_per_mode():
     assert [r["mode"] for r in rows] == ["fp32", "channels_last"]
     for r in rows:
         assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("train_ms", "guided_ms", "unguided_ms", "gflops"))
+    # the derived columns from their definitions: parameters of the U-Net, images/s = batch / step time, GFLOP/s =
+    # the training step's FLOPs (counted here by torch's FlopCounterMode on a fresh model: the same work in every
+    # mode) / step time
+    from ddpm import DiffusionConfig
+    from torch.utils.flop_counter import FlopCounterMode
+    from unet import count_parameters
+    torch.manual_seed(0)
+    model = unet.build()
+    x, t = torch.randn(2, 3, 16, 16), torch.randint(0, 4000, (2,))
+    with FlopCounterMode(display=False) as counter:
+        DiffusionConfig().build().training_losses(model, x, t)["loss"].mean().backward()
+    flops = counter.get_total_flops()
+    for r in rows:
+        assert r["config"] == "tiny" and r["batch"] == 2
+        assert r["params"] == f"{count_parameters(model) / 1e6:.2f}M"
+        assert r["train_img_s"] == pytest.approx(2 / (r["train_ms"] / 1e3), rel=1e-9)
+        assert r["gflops"] == pytest.approx(flops / (r["train_ms"] / 1e3) / 1e9, rel=1e-9)

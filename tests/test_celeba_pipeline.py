@@ -24,6 +24,26 @@ def celeba(tmp_path_factory):
     return root, latent, out
 
 
+def recomputed_scores(images, evaluator):
+    """The report's numbers for these samples, recomputed here: p(class 1) from the evaluator (temperature
+    included), the 100-bin histograms over [min p, max p] (the paper's) and over [0, 1], and from each the KLD
+    Σ h ln(100 h) and the L2 norm ||h - 1/100|| to uniform ([ZSI] App. B); and the count of p in
+    [0.49, 0.51]."""
+    from checkpoint import load_evaluator
+    model, _ = load_evaluator(evaluator)
+    with torch.no_grad():
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+        p = torch.softmax(model(x), dim=1)[:, 1].numpy().astype(np.float64)
+    out = dict(mild_049_051=int(((p >= 0.49) & (p <= 0.51)).sum()))
+    for name, span in (("paper", (p.min(), p.max()) if p.min() < p.max() else (p.min() - 0.5, p.max() + 0.5)),
+                       ("01", (0.0, 1.0))):
+        h = np.histogram(p, bins=100, range=span)[0] / len(p)
+        kld = sum(v * np.log(100 * v) for v in h if v > 0)
+        out["kld_" + name] = kld
+        out["mse_paper" if name == "paper" else "l2_01"] = np.sqrt(((h - 0.01) ** 2).sum())
+    return out
+
+
 def test_evaluator_learns_the_attribute_and_is_calibrated(celeba):
     _, _, out = celeba
     report = json.loads((out / "evaluator_Smiling.json").read_text())
@@ -66,6 +86,11 @@ def test_ddpm_on_the_subset_and_scored_samples(celeba):
     report = json.loads((out / "samples" / "g" / "report.json").read_text())
     for key in ("kld_paper_training_data", "mse_paper_classifier30-30", "kld_01_unguided"):
         assert report[key] >= 0, key
+    samples = np.load(out / "samples" / "g" / "samples.npz")["images"]
+    expected = recomputed_scores(samples, out / "evaluator_Smiling.pt")
+    assert report["mild_049_051"] == expected.pop("mild_049_051")
+    for key, value in expected.items():
+        assert report[f"{key}_classifier30-30"] == pytest.approx(value, rel=1e-6, abs=1e-9), key
     assert (out / "samples" / "g" / "histogram_p.png").exists()
     # the λ sweep of Sec. 5.3 / Fig. S13: KLD and "MSE" of the evaluator's histogram for each λ
     run("sweep.py", "--run", out, "--lambdas", "0,10", "--num-samples", "6", "--sample-args", "--steps 2",
@@ -91,6 +116,14 @@ def test_two_attributes_four_classes_and_heatmap(celeba, tmp_path):
     run("sample.py", "--run", out, "--lambdas", "30,30,30,30", "--num-samples", "6", "--steps", "2", "--name", "g",
         "--evaluator", smile_run / "evaluator_Smiling.pt", "--evaluator", out / "evaluator_Black_Hair_Blond_Hair.pt")
     assert (out / "samples" / "g" / "heatmap_2d.png").exists()
+    # the histogram numbers are those of the first evaluator (Smiling) on the written samples
+    report = json.loads((out / "samples" / "g" / "report.json").read_text())
+    samples = np.load(out / "samples" / "g" / "samples.npz")["images"]
+    assert samples.shape == (6, 32, 32, 3) and report["lambdas"] == "[[30.0, 30.0, 30.0, 30.0]]"
+    expected = recomputed_scores(samples, smile_run / "evaluator_Smiling.pt")
+    assert report["mild_049_051"] == expected.pop("mild_049_051")
+    for key, value in expected.items():
+        assert report[f"{key}_classifier30-30-30-30"] == pytest.approx(value, rel=1e-6, abs=1e-9), key
 
 
 def test_log_count_heatmap_bins():

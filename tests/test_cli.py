@@ -1,5 +1,6 @@
 """The entry points end to end on a tiny 16x16 run: train, resume, sample, evaluate, and bad input."""
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -7,6 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+import checkpoint as ckpt_io
+from classifier import spectral_norm_sigmas
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--data", "circles", "--image-size", "16", "--model-channels", "8", "--classifier-width", "8",
@@ -74,6 +78,13 @@ def test_guided_sampling_writes_samples_and_report(tiny_run):
     assert report["batch_size"] == 4 and int(data["batch_size"]) == 4      # the samples depend on it
     for name in ("grid.png", "report.md", "histogram_x.png", "heatmaps.png"):
         assert (out / name).exists(), name
+    from blobs import blobs, middle_fraction                # the reported fractions, recounted independently
+    accuracy, broken = middle_fraction(data["images"])
+    counts = [len(blobs(img)) for img in data["images"]]
+    assert report["accuracy_middle"] == pytest.approx(accuracy) and report["zero_or_multi"] == pytest.approx(broken)
+    assert report["zero_circles"] == pytest.approx(counts.count(0) / 6)
+    assert report["multi_circles"] == pytest.approx(sum(c >= 2 for c in counts) / 6)
+    assert report["lambdas"] == "[[30.0, 30.0]]" and report["guidance"] == "classifier30-30"
 
 
 def test_heatmaps_of_the_guidance_and_main_classifiers_unless_all(tmp_path):
@@ -192,6 +203,134 @@ def test_train_refuses_to_overwrite_without_resume(tiny_run):
     assert proc.returncode == 2 and "--resume" in proc.stderr
 
 
+def test_inversion_to_the_whole_chain_reaches_the_last_kept_timestep(tiny_run):
+    """--t-fraction 1 on a 4-step chain: respaced index 3 = K-1, original t = T-1 = 3999 (not index 4 = K)."""
+    run("sample.py", "--run", tiny_run, "--interpolate", "--t-fraction", "1", "--steps", "4", "--points", "2",
+        "--name", "interp_full")
+    run("sample.py", "--run", tiny_run, "--edit", "--lambdas", "0,30", "--t-fraction", "1", "--steps", "4",
+        "--num-samples", "2", "--name", "edit_full")
+    for name in ("interp_full", "edit_full"):
+        report = json.loads((tiny_run / "samples" / name / "report.json").read_text())
+        assert (report["t_stop"], report["t_stop_original"]) == (3, 3999), name
+
+
+@pytest.mark.parametrize("ddim", [False, True])
+def test_one_sampling_step_goes_from_pure_noise_to_images(tiny_run, ddim):
+    name = f"one_step_{ddim}"
+    run("sample.py", "--run", tiny_run, "--steps", "1", "--num-samples", "2", "--name", name, *(["--ddim"] * ddim))
+    out = tiny_run / "samples" / name
+    assert np.load(out / "samples.npz")["images"].shape == (2, 16, 16, 3)
+    assert json.loads((out / "report.json").read_text())["steps"] == 1
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--interpolate", "--steps", "1"], "--steps 2 or more"),
+    (["--edit", "--lambdas", "0,30", "--steps", "1"], "--steps 2 or more"),
+    (["--interpolate", "--t-fraction", "0"], "--t-fraction"),
+    (["--edit", "--lambdas", "0,30", "--t-fraction", "1.01"], "--t-fraction"),
+])
+def test_impossible_inversion_is_refused_before_any_work(tiny_run, args, message):
+    proc = run("sample.py", "--run", tiny_run, "--num-samples", "2", "--name", "refused", *args, ok=False)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tiny_run / "samples" / "refused").exists()
+
+
+def leftovers(run_dir):
+    return sorted(p.name for p in run_dir.iterdir() if ".partial" in p.name)
+
+
+@pytest.mark.parametrize("mode", [[], ["--interpolate", "--points", "2", "--steps", "2"]])
+def test_failed_sampling_leaves_no_folder_and_overwrite_replaces_whole(tiny_run, monkeypatch, mode):
+    """Any failure after sampling started (here: the report cannot be written) leaves neither an empty nor a
+    half-written sample folder; --overwrite swaps the old folder for the new one only once it is complete."""
+    import sample
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    args = ["--run", str(tiny_run), "--num-samples", "2", "--steps", "2", *mode]
+    with monkeypatch.context() as m:
+        m.setattr(sample, "write_report", broken)
+        with pytest.raises(OSError, match="disk full"):
+            sample.main([*args, "--name", "broken"])
+    assert not (tiny_run / "samples" / "broken").exists() and leftovers(tiny_run) == []
+
+    name = "replaced_inversion" if mode else "replaced"
+    old = tiny_run / "samples" / name
+    old.mkdir(parents=True)
+    (old / "stale.txt").write_text("from an earlier run")
+    with monkeypatch.context() as m:
+        m.setattr(sample, "write_report", broken)
+        with pytest.raises(OSError):
+            sample.main([*args, "--name", name, "--overwrite"])
+    assert sorted(p.name for p in old.iterdir()) == ["stale.txt"]        # a failed overwrite keeps the old folder
+    assert sample.main([*args, "--name", name, "--overwrite"]) == old
+    assert not (old / "stale.txt").exists() and (old / "report.json").exists() and leftovers(tiny_run) == []
+
+
+TINY_NO_SAMPLE_STEPS = ["--data", "circles", "--image-size", "16", "--model-channels", "8", "--classifier-width", "8"]
+
+
+@pytest.mark.parametrize("args,message", [
+    # the cpu preset samples 64 steps after training, more than a 32-step chain has
+    (TINY_NO_SAMPLE_STEPS + ["--diffusion-steps", "32", "--steps", "3", "--classifier-steps", "3"], "--sample-steps"),
+    (TINY + ["--arch", "dit", "--dit-patch", "3"], "patch size"),
+    (TINY + ["--model-channels", "6", "--attention-resolutions", "16"], "heads"),
+])
+def test_train_flag_combinations_fail_before_the_run_folder_exists(tmp_path, args, message):
+    proc = run("train.py", *args, "--out", tmp_path / "new" / "run", ok=False)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--diffusion-steps", "3"], "--sample-steps 4 must be in 1..3"),
+    (["--sample-steps", "0"], "--sample-steps 0"),
+    (["--diffusion-steps", "0"], "--diffusion-steps"),
+    (["--diffusion-steps", "32", "--guide-t-min", "33"], "--guide-t-min"),
+    (["--eval-samples", "-1"], "--eval-samples"),
+    (["--log-every", "0"], "--log-every"),
+    (["--ckpt-every", "0"], "--ckpt-every"),
+    (["--ema", "1"], "--ema"),
+    (["--lr", "-1"], "--lr"),
+    (["--classifier-lr", "0"], "--classifier-lr"),
+    (["--vb-scale", "-1"], "--vb-scale"),
+    (["--radius", "0"], "--radius"),
+    (["--delta", "0"], "--delta"),
+    (["--resume", "--overwrite"], "--resume"),
+    (["--arch", "dit", "--dit-heads", "3"], "num_heads"),
+    (["--channel-mult", "1,2,2,2,2,2"], "not divisible by 32"),
+    (["--what", "evaluator"], "--data celeba"),
+    (["--what", "ddpm", "--overlap"], "--overlap"),
+])
+def test_every_flag_combination_is_checked_in_one_place_before_any_work(tmp_path, monkeypatch, capsys, args, message):
+    import train
+    monkeypatch.setattr(train.signal, "signal", lambda *a: None)        # keep pytest's own signal handlers
+    monkeypatch.setattr(train, "load_data", lambda *a: pytest.fail("read the data before checking the flags"))
+    with pytest.raises(SystemExit) as exit_:
+        train.main([*TINY, "--steps", "1", "--out", str(tmp_path / "new" / "run"), *args])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_failed_training_removes_the_new_run_folder_unless_it_can_resume(tmp_path, monkeypatch, checkpoint):
+    import train
+
+    def crash(config, out, *args, **kwargs):
+        (out / "ddpm_loss.csv").write_text("1,0.5\n")
+        if checkpoint:
+            (out / "ddpm.pt").write_bytes(b"a checkpoint")
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(train.signal, "signal", lambda *a: None)
+    monkeypatch.setattr(train, "train_ddpm", crash)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train.main([*TINY, "--steps", "1", "--out", str(tmp_path / "new" / "run")])
+    assert (tmp_path / "new" / "run" / "ddpm.pt").exists() if checkpoint else not (tmp_path / "new").exists()
+
+
 def test_repeat_over_seeds_writes_mean_and_std(tiny_run, tmp_path):
     import shutil
     run_dir = tmp_path / "rep"
@@ -202,6 +341,15 @@ def test_repeat_over_seeds_writes_mean_and_std(tiny_run, tmp_path):
     assert set(summary) == {"unguided", "plain_t", "sn_t"}
     assert summary["plain_t"]["runs"] == 2 and summary["sn_t"]["runs"] == 2
     assert 0 <= summary["plain_t"]["accuracy_mean"] <= 1 and summary["plain_t"]["accuracy_std"] >= 0
+    from blobs import middle_fraction                       # each seed's numbers recounted from its samples
+    for variant in ("plain_t", "sn_t"):
+        acc = []
+        for row in summary[variant]["per_seed"]:
+            images = np.load(run_dir / "samples" / f"repeat_{variant}_seed{row['seed']}" / "samples.npz")["images"]
+            acc.append(middle_fraction(images)[0])
+            assert row["accuracy_middle"] == pytest.approx(acc[-1])
+        assert summary[variant]["accuracy_mean"] == pytest.approx((acc[0] + acc[1]) / 2)
+        assert summary[variant]["accuracy_std"] == pytest.approx(abs(acc[0] - acc[1]) / 2 ** 0.5)   # ddof = 1
     for variant, seed in (("plain", 1), ("plain", 2), ("sn", 1), ("sn", 2)):
         assert (run_dir / f"{variant}_t_seed{seed}.pt").exists()
     assert "mean ± std" in (run_dir / "repeats_t.md").read_text()
@@ -348,3 +496,16 @@ def test_classifier_beside_the_ddpm_trains_the_same_weights_as_one_after_the_oth
     default = tmp_path / "default"
     train("--out", default)   # one thread: nothing to split, one after the other
     assert json.loads((default / "config.json").read_text())["train"]["overlap_steps"] == 0
+
+
+def test_spectral_norm_classifier_is_saved_within_its_bound(tiny_run, tmp_path):
+    """train.py --spectral-norm: every normalised layer of the saved classifier has σ_max = the Lipschitz factor
+    (a power iteration whose u came from the previous v left layers at 2-10x the factor)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copy(tiny_run / "config.json", out / "config.json")
+    run("train.py", *TINY, "--what", "classifier", "--spectral-norm", "--classifier-steps", "40", "--out", out)
+    model, _ = ckpt_io.load_classifier(out / "classifier_sn.pt")
+    sigmas = spectral_norm_sigmas(model)
+    assert len(sigmas) > 10
+    assert max(sigmas.values()) <= 0.5 * (1 + 1e-3) and min(sigmas.values()) >= 0.5 * (1 - 1e-3), sigmas

@@ -106,7 +106,80 @@ def test_parse_lambdas_ok():
 
 
 def test_classifier_free_combination():
-    """out = -λ out(∅) + (1+λ) mean_c out(c): a model whose output is its label reproduces the formula."""
+    """ε̂ = -λ ε̂(∅) + (1+λ) mean_c ε̂(c): a model whose output is its label reproduces the formula on ε̂,
+    and the v channels are the conditional mean, not extrapolated."""
     model = lambda x, t, y: y.float().view(-1, 1, 1, 1).expand(-1, 6, *x.shape[2:])
     out = classifier_free(model, 3.0, num_classes=2)(torch.zeros(4, 3, 2, 2), torch.zeros(4, dtype=torch.long))
-    assert torch.allclose(out, torch.full_like(out, -3.0 * 2 + 4.0 * 0.5))
+    assert torch.allclose(out[:, :3], torch.full_like(out[:, :3], -3.0 * 2 + 4.0 * 0.5))   # labels ∅=2, c=0,1
+    assert torch.allclose(out[:, 3:], torch.full_like(out[:, 3:], 0.5))
+
+
+def test_classifier_free_guides_eps_only_and_keeps_the_variance_in_range():
+    """λ = 3, ε̂(c) = 0.2, ε̂(∅) = 0, v(c) = 0.9, v(∅) = -0.9: ε̂ 4·0.2 = 0.8 and v = 0.9 (combining v too gives
+    -3·(-0.9) + 4·0.9 = 6.3, a variance e^{2.65 (log β_t - log β̃_t)} times β_t)."""
+    def model(x, t, y):
+        null = (y == 2).float().view(-1, 1, 1, 1)
+        eps = (1 - null) * 0.2 * torch.ones_like(x)
+        v = (0.9 - 1.8 * null) * torch.ones_like(x)
+        return torch.cat([eps, v], dim=1)
+    x, t = torch.zeros(2, 3, 4, 4), torch.tensor([10, 30])
+    guided = classifier_free(model, 3.0, num_classes=2)
+    out = guided(x, t)
+    torch.testing.assert_close(out[:, :3], torch.full_like(x, 0.8))
+    torch.testing.assert_close(out[:, 3:], torch.full_like(x, 0.9))
+    diffusion = DiffusionConfig(num_steps=40).build()
+    var = diffusion.p_mean_variance(guided, x, t)["variance"]
+    lo = torch.tensor(diffusion.posterior_variance[[10, 30]], dtype=torch.float32).view(-1, 1, 1, 1)
+    hi = torch.tensor(diffusion.betas[[10, 30]], dtype=torch.float32).view(-1, 1, 1, 1)
+    assert bool((var >= lo * (1 - 1e-5)).all()) and bool((var <= hi * (1 + 1e-5)).all())
+
+
+def test_classifier_free_gives_every_branch_the_timesteps_of_its_examples():
+    """The K + 1 branches (classes 0..K-1, then the null label K) are one batch: x and t repeated K + 1 times."""
+    seen = {}
+
+    def model(x, t, y):
+        seen.update(x=x, t=t, y=y)
+        return torch.zeros(x.shape[0], 3, 1, 1)
+
+    x, t = torch.arange(6.0).view(2, 3, 1, 1), torch.tensor([7, 900])
+    classifier_free(model, 1.0, num_classes=2)(x, t)
+    assert seen["t"].tolist() == [7, 900] * 3 and seen["y"].tolist() == [0, 0, 1, 1, 2, 2]
+    assert torch.equal(seen["x"], torch.cat([x, x, x]))
+
+
+def test_guidance_gradient_is_exact_float32_under_a_bfloat16_autocast():
+    """Linear logits W x: ∇_x Σ_m λ_m log p_m = Wᵀ(λ − p Σ_m λ_m) (closed form, float64). bfloat16 matmuls would be
+    off by ~1e-2; the classifier must run with autocast disabled even inside the sampler's autocast."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(3, 12, generator=g)
+    x, t = torch.randn(2, 3, 2, 2, generator=g), torch.tensor([4, 9])
+    lam = torch.tensor([2.0, -1.0, 0.5])
+    clf = lambda xx, tt: torch.nn.functional.linear(xx.flatten(1), w)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = multi_guidance([clf], [lam.tolist()])(x, t)
+    wd, xd, ld = w.double(), x.double().flatten(1), lam.double()
+    p = torch.softmax(xd @ wd.T, dim=-1)
+    want = ((ld - p * ld.sum()) @ wd).view_as(x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_above_timestep_by_hand_with_a_constant_gradient():
+    """Rows with t >= t_min keep the gradient (t = t_min included), the others get 0; t_min = 1 already limits
+    (only t_min <= 0 is the unlimited paper setting); a batch entirely below t_min never calls cond_fn."""
+    calls = []
+
+    def ones(x, t):
+        calls.append(t.tolist())
+        return torch.ones_like(x)
+
+    x = torch.zeros(3, 1, 1, 2)
+    got = above_timestep(ones, 1)(x, torch.tensor([0, 1, 7]))
+    assert got[:, 0, 0, 0].tolist() == [0.0, 1.0, 1.0] and calls == [[0, 1, 7]]
+    got = above_timestep(ones, 7)(x, torch.tensor([7, 6, 8]))
+    assert got[:, 0, 0, 0].tolist() == [1.0, 0.0, 1.0]
+    calls.clear()
+    got = above_timestep(ones, 7)(x, torch.tensor([0, 6, 3]))
+    assert calls == [] and got.dtype == torch.float32 and torch.equal(got, torch.zeros_like(x))
+    assert above_timestep(ones, -1) is ones

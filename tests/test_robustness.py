@@ -96,12 +96,20 @@ def test_ema_weights_stay_leaves_outside_the_autograd_graph(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (8, 4, 4, 3), dtype=np.uint8)
     batches = Batches(images, np.zeros(8, dtype=np.int64), 4, seed=0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 1))
-    loss_fn = lambda net, x, y, gen, part: (net(x).pow(2).mean(), {})
+    seen = []                                 # the weights before each step: θ0, θ1, θ2
+
+    def loss_fn(net, x, y, gen, part):
+        seen.append([p.detach().clone() for p in net.parameters()])
+        return net(x).pow(2).mean(), {}
+
     _, ema = train.fit("ddpm", model, loss_fn, batches, steps=3, lr=1e-2, ema_rate=0.5, amp=False,
                        device=torch.device("cpu"), path=tmp_path / "m.pt", config={"seed": 0}, resume=False)
-    for p_ema, p in zip(ema.parameters(), model.parameters()):
+    for j, (p_ema, p) in enumerate(zip(ema.parameters(), model.parameters())):
         assert p_ema.is_leaf and not p_ema.requires_grad and p_ema.grad_fn is None
         assert not torch.equal(p_ema, p)      # the EMA did move, and lags the model
+        # three halvings from θ0: ema = θ0/8 + θ1/8 + θ2/4 + θ3/2
+        expected = seen[0][j] / 8 + seen[1][j] / 8 + seen[2][j] / 4 + p.detach() / 2
+        torch.testing.assert_close(p_ema, expected, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

@@ -31,6 +31,22 @@ def test_unet_output_shapes(cfg):
     out = model(x, torch.tensor([0, 3999]), y=y)
     assert out.shape == (2, cfg.get("out_channels", 6), cfg["image_size"], cfg["image_size"])
     assert out.dtype == torch.float32
+    assert out.abs().max() == 0                                   # zero-initialised output layer
+    # with every weight non-zero: each example's output is the network's on that example alone (no mixing
+    # across the batch in attention or normalisation), and its timestep and label reach the output
+    torch.manual_seed(0)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    model.eval()
+    with torch.no_grad():
+        t = torch.tensor([0, 3999])
+        out = model(x, t, y=y)
+        for i in range(2):
+            one = model(x[i:i + 1], t[i:i + 1], y=None if y is None else y[i:i + 1])
+            torch.testing.assert_close(out[i:i + 1], one, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(model(x, t.flip(0), y=y), out, atol=1e-4)
+        if y is not None:
+            assert not torch.allclose(model(x, t, y=y.flip(0)), out, atol=1e-4)
 
 
 def test_output_layer_is_zero_initialised():
