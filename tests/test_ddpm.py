@@ -571,7 +571,7 @@ def test_betas_must_lie_in_the_half_open_unit_interval():
     with np.errstate(divide="ignore"):
         Diffusion(np.array([0.5, 1.0]))                       # β = 1 is allowed (ᾱ reaches 0)
     for bad in ([0.0, 0.5], [0.5, 1.0 + 1e-9], [-0.1, 0.5], [[0.1, 0.2]]):
-        with pytest.raises(AssertionError, match="betas"):
+        with pytest.raises(AssertionError, match=r"^betas must lie in \(0, 1\]$"):
             Diffusion(np.array(bad))
 
 
@@ -828,3 +828,134 @@ def test_samplers_cast_a_float64_guidance_gradient():
     grad = lambda xx, tt: torch.ones(xx.shape, dtype=torch.float64)
     assert d.p_sample(model, x, t, cond_fn=grad)["sample"].dtype == torch.float32
     assert d.ddim_sample(model, x, t, cond_fn=grad)["sample"].dtype == torch.float32
+
+
+def test_float32_betas_are_promoted_and_a_two_step_chain_clips_with_posterior_variance_1():
+    b32 = np.array([0.1, 0.2], dtype=np.float32)
+    d = Diffusion(b32)
+    b = b32.astype(np.float64)                       # the float32 values, then float64 arithmetic
+    assert d.betas.dtype == d.alphas_cumprod.dtype == np.float64
+    np.testing.assert_allclose(d.alphas_cumprod, [1 - b[0], (1 - b[0]) * (1 - b[1])], rtol=1e-15)
+    post1 = b[1] * b[0] / (1 - (1 - b[0]) * (1 - b[1]))          # β̃_1 = β_1 (1 − ᾱ_0)/(1 − ᾱ_1), ᾱ_0 = 1 − β_0
+    np.testing.assert_allclose(d.posterior_log_variance_clipped, np.log([post1, post1]), rtol=1e-14)
+
+
+def test_learned_sigma_needs_twice_the_channels():
+    d = Diffusion(SMALL_BETAS)
+    with pytest.raises(AssertionError, match=r"^learn_sigma needs 4 output channels, got 3$"):
+        d.p_mean_variance(None, torch.zeros(1, 2, 5, 5), torch.tensor([1]), model_output=torch.zeros(1, 3, 5, 5))
+
+
+def test_model_kwargs_reach_the_network_from_every_entry_point():
+    """A network that needs its label y: every sampler/loss forwards model_kwargs, giving the same result as the
+    same network with y bound in advance."""
+    g = torch.Generator().manual_seed(9)
+    x0, x = torch.rand(2, 1, 2, 2, generator=g) - 0.5, torch.randn(2, 1, 2, 2, generator=g)
+    y = torch.tensor([0.3, -0.2])
+
+    def net(xx, tt, y):
+        return torch.cat([0.5 * xx + y.view(-1, 1, 1, 1), 0.1 * xx], 1)
+    bound = lambda xx, tt: net(xx, tt, y)
+    kw = dict(y=y)
+    d = Diffusion(SMALL_BETAS)
+    t = torch.tensor([1, 2])
+    pairs = [
+        (d.p_mean_variance(net, x, t, model_kwargs=kw)["mean"], d.p_mean_variance(bound, x, t)["mean"]),
+        (d.p_sample(net, x, t, model_kwargs=kw, noise=x)["sample"], d.p_sample(bound, x, t, noise=x)["sample"]),
+        (d.ddim_sample(net, x, t, model_kwargs=kw)["sample"], d.ddim_sample(bound, x, t)["sample"]),
+        (d.ddim_reverse_sample(net, x, t, model_kwargs=kw), d.ddim_reverse_sample(bound, x, t)),
+        (d.ddim_reverse_loop(net, x0, 2, model_kwargs=kw), d.ddim_reverse_loop(bound, x0, 2)),
+        (d.training_losses(net, x0, t, noise=x, model_kwargs=kw)["loss"], d.training_losses(bound, x0, t, noise=x)["loss"]),
+        (d.p_sample_loop(net, x.shape, noise=x, model_kwargs=kw, generator=torch.Generator().manual_seed(1)),
+         d.p_sample_loop(bound, x.shape, noise=x, generator=torch.Generator().manual_seed(1))),
+        (d.ddim_sample_loop(net, x.shape, noise=x, model_kwargs=kw), d.ddim_sample_loop(bound, x.shape, noise=x)),
+    ]
+    for i, (got, want) in enumerate(pairs):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=str(i))
+
+
+def test_progress_bar_only_when_asked(capsys, monkeypatch):
+    import threading
+    from tqdm import tqdm
+    # no monitor thread, and a lock private to this process (tqdm's default one is shared with forked processes)
+    monkeypatch.setattr(tqdm, "monitor_interval", 0)
+    monkeypatch.setattr(tqdm, "_lock", threading.RLock(), raising=False)
+    d = Diffusion(SMALL_BETAS)
+    model = lambda xx, tt: torch.zeros(xx.shape[0], 2, *xx.shape[2:])
+    noise = torch.randn(1, 1, 2, 2)
+    for loop in (d.p_sample_loop, d.ddim_sample_loop):
+        plain = loop(model, noise.shape, noise=noise.clone(), generator=torch.Generator().manual_seed(0))
+        assert capsys.readouterr().err == ""
+        shown = loop(model, noise.shape, noise=noise.clone(), generator=torch.Generator().manual_seed(0), progress=True)
+        err = capsys.readouterr().err
+        assert torch.equal(plain, shown)
+        assert "sampling:" in err and "XX" not in err and "/3 [" in err
+        import re
+        assert re.search(r"[\d?]step/s|s/step", err), err
+
+
+def test_clipping_switches_by_hand():
+    """ddim_reverse_* clip x̂_0 only when asked; ddim_sample and p_sample clip by default; p_sample also returns x̂_0."""
+    d = Diffusion(SMALL_BETAS, learn_sigma=False)
+    a, a_prev = small_abar()
+    e, xv = -0.4, np.array([2.5, -2.0, 0.7])
+    x = torch.from_numpy(xv).float().view(3, 1, 1, 1)
+    t = torch.tensor([0, 1, 2])
+    model = lambda xx, tt: torch.full_like(xx, e)
+    x0 = np.clip((xv - np.sqrt(1 - a) * e) / np.sqrt(a), -1, 1)
+    eps = (xv - np.sqrt(a) * x0) / np.sqrt(1 - a)
+    a_next = np.array([a[1], a[2], 0.0])
+    got = d.ddim_reverse_sample(model, x, t, clip_denoised=True).flatten().double().numpy()
+    np.testing.assert_allclose(got, np.sqrt(a_next) * x0 + np.sqrt(1 - a_next) * eps, rtol=1e-5)
+    z = d.ddim_reverse_loop(model, x[:1], 1, clip_denoised=True).item()
+    assert z == pytest.approx(math.sqrt(a[1]) * x0[0] + math.sqrt(1 - a[1]) * eps[0], rel=1e-5)
+    got = d.ddim_sample(model, x, t)
+    np.testing.assert_allclose(got["sample"].flatten().double().numpy(), np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev) * eps,
+                               rtol=1e-5, atol=1e-6)
+    got = d.p_sample(model, x, t, noise=torch.zeros_like(x))
+    np.testing.assert_allclose(got["pred_x0"].flatten().double().numpy(), x0, rtol=1e-6)
+    mean = (SMALL_BETAS * np.sqrt(a_prev) * x0 + (1 - a_prev) * np.sqrt(1 - SMALL_BETAS) * xv) / (1 - a)
+    np.testing.assert_allclose(got["sample"].flatten().double().numpy(), mean, rtol=1e-5)
+
+
+def test_ancestral_loop_starts_from_the_given_noise_and_training_draws_its_own():
+    d = Diffusion(SMALL_BETAS, learn_sigma=False)
+    a, a_prev = small_abar()
+    var = np.array([(SMALL_BETAS * (1 - a_prev) / (1 - a))[1], 0.2, 0.3])
+    start = torch.tensor([0.4, -1.3]).view(2, 1, 1, 1)
+    gen = torch.Generator().manual_seed(11)
+    got = d.p_sample_loop(lambda xx, tt: torch.zeros_like(xx), start.shape, noise=start, generator=gen,
+                          clip_denoised=False)
+    replay = torch.Generator().manual_seed(11)
+    x = start.double().numpy()
+    for t in (2, 1, 0):                      # ε̂ = 0: μ = x_t / sqrt(α_t)
+        x = x / math.sqrt(1 - SMALL_BETAS[t]) + (math.sqrt(var[t]) * torch.randn(2, 1, 1, 1, generator=replay).double()
+                                                 .numpy() if t > 0 else 0)
+    np.testing.assert_allclose(got.double().numpy(), x, rtol=1e-5)
+    x0, t = torch.full((2, 1, 1, 1), 0.5), torch.tensor([1, 2])
+    torch.manual_seed(12)
+    losses = Diffusion(SMALL_BETAS, learn_sigma=False).training_losses(lambda xx, tt: torch.zeros_like(xx), x0, t)
+    torch.manual_seed(12)
+    noise = torch.randn(2, 1, 1, 1).double().flatten().numpy()
+    np.testing.assert_allclose(losses["mse"].double().numpy(), noise ** 2, rtol=1e-6)
+
+
+def test_loops_pass_guide_at_and_clip_denoised_on():
+    """p_sample_loop(guide_at="mean") asks cond_fn at x_{t-1}'s index (0 at the last step); ddim_sample_loop with
+    clip_denoised=False keeps x̂_0 = (x − sqrt(1−ᾱ) e)/sqrt(ᾱ) beyond ±1
+    (η = 0: x_{t−1} = sqrt(ᾱ_{t−1}) x̂_0 + sqrt(1−ᾱ_{t−1}) e)."""
+    d = Diffusion(SMALL_BETAS, learn_sigma=False)
+    seen = []
+
+    def cond_fn(x, t):
+        seen.append(t.tolist())
+        return torch.zeros_like(x)
+    model = lambda xx, tt: torch.zeros_like(xx)
+    d.p_sample_loop(model, (1, 1, 1, 1), cond_fn=cond_fn, guide_at="mean", generator=torch.Generator().manual_seed(0))
+    assert seen == [[1], [0], [0]]
+    a, a_prev = small_abar()
+    e = 0.3
+    start = torch.tensor([2.0]).view(1, 1, 1, 1)
+    got = d.ddim_sample_loop(lambda xx, tt: torch.full_like(xx, e), start.shape, noise=start, clip_denoised=False)
+    x0 = (2.0 - math.sqrt(1 - a[2]) * e) / math.sqrt(a[2])            # 2.4 > 1, and then constant along the chain
+    assert x0 > 1 and got.item() == pytest.approx(x0, rel=1e-5)      # ᾱ_{-1} = 1: the last step returns x̂_0
