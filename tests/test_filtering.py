@@ -165,12 +165,9 @@ def test_extreme_filter_needs_every_ensemble_member_to_agree(monkeypatch):
     assert out["counts"]["stage1_tau1"] == 4 and out["stage2"].tolist() == [0, 1, 3]
 
 
-def test_train_clean_classifier_draws_flipped_batches_once_per_step_and_sizes_its_head(monkeypatch):
-    """Three classes -> a 3-way head of the given width; one flipped, seeded minibatch per step (steps 1..steps)."""
-    made, draws = [], []
-    real = filtering.Batches
-
-    class Counting(real):
+def counting_batches(made, draws):
+    """filtering.Batches that records its constructor arguments (after images, labels) and every batch drawn."""
+    class Counting(filtering.Batches):
         def __init__(self, *args, **kwargs):
             made.append((args[2:], kwargs))
             super().__init__(*args, **kwargs)
@@ -179,7 +176,13 @@ def test_train_clean_classifier_draws_flipped_batches_once_per_step_and_sizes_it
             draws.append(1)
             return super().__next__()
 
-    monkeypatch.setattr(filtering, "Batches", Counting)
+    return Counting
+
+
+def test_train_clean_classifier_draws_flipped_batches_once_per_step_and_sizes_its_head(monkeypatch):
+    """Three classes -> a 3-way head of the given width; one flipped, seeded minibatch per step (steps 1..steps)."""
+    made, draws = [], []
+    monkeypatch.setattr(filtering, "Batches", counting_batches(made, draws))
     labels = np.array([0, 1, 2, 0, 1, 2])
     images = np.random.default_rng(0).integers(0, 256, (6, 4, 4, 3)).astype(np.uint8)
     logged = []
@@ -198,15 +201,7 @@ def test_train_clean_classifier_defaults_batch_64_and_adamw_1e3(monkeypatch):
     """With a linear stand-in for EvalNet (fast): 3 steps draw 3 batches of 64 and score the validation split once,
     at the last step (the default period is 250); AdamW gets lr 1e-3 and weight decay 1e-4."""
     made, draws, opts = [], [], []
-
-    class Counting(filtering.Batches):
-        def __init__(self, *args, **kwargs):
-            made.append((args[2:], kwargs))
-            super().__init__(*args, **kwargs)
-
-        def __next__(self):
-            draws.append(1)
-            return super().__next__()
+    Counting = counting_batches(made, draws)
 
     class Linear(torch.nn.Module):
         def __init__(self, width, num_classes):
