@@ -20,6 +20,7 @@ string-sorted filename prefixes) or any names (one class). Pixels map to [-1, 1]
 Every image file (folders and CelebA) is decoded by `read_rgb` to the 8-bit sRGB picture an image viewer shows:
 EXIF orientation applied, 16-bit samples scaled (v >> 8), transparency composited onto white, ICC profiles honoured.
 """
+import functools
 import io
 import os
 from pathlib import Path
@@ -97,13 +98,12 @@ def sizes_dataset(image_size=32, r_min=2, r_max=11, delta=0.2, full_range=False,
 
 BACKGROUND = (255, 255, 255)   # what transparent pixels show: white, a web browser's default page colour
 _GREY16 = ("I", "I;16", "I;16L", "I;16B", "I;16N")
-_SRGB = []                     # the LittleCMS sRGB profile, built on first use
 
 
+@functools.cache
 def _srgb_profile():
-    if not _SRGB:
-        _SRGB.append(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")))
-    return _SRGB[0]
+    """The LittleCMS sRGB profile, built on first use."""
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 
 
 def _png_bit_depth(path):
