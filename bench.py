@@ -26,8 +26,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from classifier import ClassifierConfig
 from ddpm import DiffusionConfig
 from guidance import multi_guidance
-from train import build_config, ema_update, parse_args as train_args
-from unet import UNetConfig, autocast, count_parameters
+from checkpoint import build_classifier
+from config import build_config, parse_args as train_args
+from device import autocast
+from train import ema_update
+from unet import UNetConfig, count_parameters
 
 
 def timed(fns, repeats, device, warmup_s=3.0):
@@ -81,19 +84,19 @@ def peak_memory_gib(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20      # kB -> GiB
 
 
-def mode_steps(mode, unet_cfg, clf_cfg, batch, diffusion, sampler, device):
+def mode_steps(mode, unet_config, make_classifier, batch, diffusion, sampler, device):
     """(train_step, guided_step, unguided_step, model) for one mode, each a closure over its own models."""
     amp, channels_last, compiled = mode == "amp", mode == "channels_last", mode == "compile"
     torch.manual_seed(0)
-    model = unet_cfg.build().to(device)
-    clf = clf_cfg.build().to(device).eval()
+    model = unet_config.build().to(device)
+    clf = make_classifier().to(device).eval()
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model, ema = model.to(memory_format=fmt), ema.to(memory_format=fmt)
-    x = torch.randn(batch, unet_cfg.in_channels, unet_cfg.image_size, unet_cfg.image_size,
+    x = torch.randn(batch, unet_config.in_channels, unet_config.image_size, unet_config.image_size,
                     device=device).contiguous(memory_format=fmt)
-    t = torch.randint(0, diffusion.num_steps, (batch,), device=device)
+    t = torch.randint(0, diffusion.num_timesteps, (batch,), device=device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
     params, ema_params = list(model.parameters()), list(ema.parameters())
     train_model, ema_net, clf_net = model, ema, clf
@@ -127,7 +130,7 @@ def mode_steps(mode, unet_cfg, clf_cfg, batch, diffusion, sampler, device):
     return train_step, sample_step, lambda: sample_step(False), model
 
 
-def bench_config(name, unet_cfg, clf_cfg, batch, modes, repeats, device, warmup_s=3.0):
+def bench_config(name, unet_config, make_classifier, batch, modes, repeats, device, warmup_s=3.0):
     """One row per mode; all modes' steps are timed round-robin (see `timed`)."""
     diffusion = DiffusionConfig().build()
     sampler = diffusion.respace(64)
@@ -135,7 +138,7 @@ def bench_config(name, unet_cfg, clf_cfg, batch, modes, repeats, device, warmup_
     for mode in modes:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        train, guided, unguided, models[mode] = mode_steps(mode, unet_cfg, clf_cfg, batch, diffusion, sampler, device)
+        train, guided, unguided, models[mode] = mode_steps(mode, unet_config, make_classifier, batch, diffusion, sampler, device)
         steps.update({(mode, "train"): train, (mode, "guided"): guided, (mode, "unguided"): unguided})
         train(), guided(), unguided()
         peaks[mode] = peak_memory_gib(device)
@@ -144,8 +147,8 @@ def bench_config(name, unet_cfg, clf_cfg, batch, modes, repeats, device, warmup_
     rows = []
     for mode in modes:
         model = models[mode]
-        x = torch.randn(batch, unet_cfg.in_channels, unet_cfg.image_size, unet_cfg.image_size, device=device)
-        t = torch.randint(0, diffusion.num_steps, (batch,), device=device)
+        x = torch.randn(batch, unet_config.in_channels, unet_config.image_size, unet_config.image_size, device=device)
+        t = torch.randint(0, diffusion.num_timesteps, (batch,), device=device)
         flops = count_flops(lambda: diffusion.training_losses(model, x, t)["loss"].mean().backward())  # eager:
         model.zero_grad(set_to_none=True)                                   # the same work in every mode
         train_s = secs[mode, "train"]
@@ -174,13 +177,13 @@ def format_row(r):
             f"{r['peak_gib']:.2f} |")
 
 
-def profile(unet_cfg, clf_cfg, batch):
+def profile(unet_config, make_classifier, batch):
     """Where the time goes: self CPU time per operator over 3 training steps and 3 guided sampling steps."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
     diffusion = DiffusionConfig().build()
-    model, clf = unet_cfg.build(), clf_cfg.build().eval()
+    model, clf = unet_config.build(), make_classifier().eval()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x, t = torch.randn(batch, 3, unet_cfg.image_size, unet_cfg.image_size), torch.randint(0, 4000, (batch,))
+    x, t = torch.randn(batch, 3, unet_config.image_size, unet_config.image_size), torch.randint(0, 4000, (batch,))
     cond_fn = multi_guidance([clf], [[30.0, 30.0]])
     sampler = diffusion.respace(64)
     steps = {
@@ -216,14 +219,14 @@ def main():
                                             f"est. fp32 peak {cpu_peak_gflops():.0f} GFLOP/s")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {where}")
     demo = build_config(train_args(["--data", "circles"]))      # the demo's models, exactly as train.py builds them
-    cpu_unet, cpu_clf = UNetConfig(**demo["unet"]), ClassifierConfig(**demo["classifier"])
+    cpu_unet, cpu_clf = UNetConfig(**demo["unet"]), lambda: build_classifier(demo)
     cpu_batch = args.cpu_batch or demo["train"]["batch_size"]
     if args.profile:
         return profile(cpu_unet, cpu_clf, cpu_batch)
     print(HEADER)
     bench_config("cpu preset 32px", cpu_unet, cpu_clf, cpu_batch, modes, args.repeats, device)
     if not args.skip_paper:
-        bench_config("paper 64px", UNetConfig(), ClassifierConfig(), args.paper_batch, modes,
+        bench_config("paper 64px", UNetConfig(), lambda: ClassifierConfig().build(), args.paper_batch, modes,
                      max(2, args.repeats // 2), device)
 
 

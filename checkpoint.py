@@ -4,22 +4,26 @@ A checkpoint is one `.pt` dict: {"kind", "config" (plain JSON-able dicts: data, 
 training), "model", "ema", "opt", "scaler", "step", "rng", ...}. A readable JSON copy of "config" sits next
 to it, so `sample.py --run DIR` needs nothing but the run folder. Writes go to a temporary file that is
 fsync'ed and renamed over the old one, so a kill at any moment leaves either the old or the new checkpoint,
-never half of one. Reads use `torch.load(..., weights_only=True)`, which refuses arbitrary pickled objects.
+never half of one; output folders are filled under a temporary name and renamed when complete
+(`staged_output`). Reads use `torch.load(..., weights_only=True)`, which refuses arbitrary pickled objects.
+Any problem reading one is an InputError with a one-line explanation.
 """
+import contextlib
 import json
 import os
 import pickle
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 
 from classifier import ClassifierConfig
+from cli import InputError
+from cpu_preset import MirrorEquivariant
 from ddpm import DiffusionConfig
+from dit import DiTConfig
 from unet import UNetConfig
-
-
-class CheckpointError(RuntimeError):
-    """A missing, truncated, foreign or malicious checkpoint; the entry points print it as one line."""
 
 
 def save_atomic(obj, path):
@@ -41,22 +45,58 @@ def write_json(obj, path):
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def staged_output(out):
+    """Yield a new hidden folder beside `out`'s parent to write everything into; it becomes `out` only when the
+    block ends without an error. On any failure (an exception, Ctrl-C) it is deleted, so no empty or half-written
+    `out` is left; an existing `out` (--overwrite) is replaced whole at the end, never mixed with new files."""
+    out.parent.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        old = tmp.with_name(tmp.name + ".old")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
 def load(path, map_location="cpu"):
-    """Load a checkpoint safely; any problem becomes a CheckpointError with a one-line explanation."""
+    """Load a checkpoint safely; any problem becomes an InputError with a one-line explanation."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}; train one with `python train.py` or pass the right --run")
+        raise InputError(f"no checkpoint at {path}; train one with `python train.py` or pass the right --run")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path} holds objects other than tensors and plain data, refused for safety "
-                              f"(weights_only=True): {str(e).splitlines()[0][:200]}")
+        raise InputError(f"{path} holds objects other than tensors and plain data, refused for safety "
+                         f"(weights_only=True): {str(e).splitlines()[0][:200]}")
     except Exception as e:  # truncated zip, wrong format, ...
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:160] if str(e) else 'truncated?'}); retrain or re-download it")
+        raise InputError(f"{path} is not a readable checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:160] if str(e) else 'truncated?'}); retrain or re-download it")
     if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
-        raise CheckpointError(f"{path} is not a checkpoint of this codebase (no config/model entries)")
+        raise InputError(f"{path} is not a checkpoint of this codebase (no config/model entries)")
+    _upgrade(ckpt["config"])
     return ckpt
+
+
+def read_config(path):
+    """A run's config.json, as saved next to its checkpoints."""
+    return _upgrade(json.loads(Path(path).read_text()))
+
+
+def _upgrade(config):
+    """Configs of runs saved before T was named diffusion_steps (improved-diffusion's name) still load."""
+    diffusion = config.get("diffusion")
+    if isinstance(diffusion, dict) and "num_steps" in diffusion:
+        diffusion["diffusion_steps"] = diffusion.pop("num_steps")
+    return config
 
 
 def _tuples(d):
@@ -70,9 +110,8 @@ def backbone_config(config):
 
 
 def build_ddpm(config):
-    """(denoiser network, Diffusion) from a DDPM config dict (arch "unet" by default, or "dit")."""
+    """(denoiser network, GaussianDiffusion) from a DDPM config dict (arch "unet" by default, or "dit")."""
     if config.get("arch", "unet") == "dit":
-        from dit import DiTConfig
         net = DiTConfig(**config["dit"]).build()
     else:
         net = UNetConfig(**_tuples(config["unet"])).build()
@@ -80,35 +119,34 @@ def build_ddpm(config):
 
 
 def build_classifier(config):
-    return ClassifierConfig(**_tuples(config["classifier"])).build()
+    """The noisy classifier of config["classifier"]; wrapped in cpu_preset.MirrorEquivariant when its
+    `mirror_equivariant` is set (the CPU preset's circles classifier; not in the paper)."""
+    kwargs = _tuples(config["classifier"])
+    mirror = kwargs.pop("mirror_equivariant", False)
+    classifier = ClassifierConfig(**kwargs).build()
+    if not mirror:
+        return classifier
+    if kwargs.get("num_classes", 2) != 2:
+        raise InputError(f"a mirror-equivariant head swaps 2 classes; this data has {kwargs['num_classes']}: "
+                         f"pass --no-mirror-equivariant")
+    return MirrorEquivariant(classifier)
 
 
 def load_ddpm(path, device="cpu", use_ema=True):
-    """(U-Net in eval mode with EMA weights, Diffusion, config) from a ddpm.pt checkpoint."""
+    """(denoiser in eval mode with EMA weights, GaussianDiffusion, config) from a ddpm.pt checkpoint."""
     ckpt = load(path)
     if ckpt.get("kind") != "ddpm":
-        raise CheckpointError(f"{path} is a {ckpt.get('kind')} checkpoint, not a DDPM")
+        raise InputError(f"{path} is a {ckpt.get('kind')} checkpoint, not a DDPM")
     model, diffusion = build_ddpm(ckpt["config"])
     model.load_state_dict(ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"])
     return model.to(device).eval(), diffusion, ckpt["config"]
 
 
 def load_classifier(path, device="cpu"):
-    """(classifier in eval mode, config) from a classifier checkpoint (spectral norm rebuilt first)."""
+    """(noisy classifier in eval mode, config) from a classifier checkpoint (spectral norm rebuilt first)."""
     ckpt = load(path)
     if ckpt.get("kind") != "classifier":
-        raise CheckpointError(f"{path} is a {ckpt.get('kind')} checkpoint, not a classifier")
+        raise InputError(f"{path} is a {ckpt.get('kind')} checkpoint, not a classifier")
     model = build_classifier(ckpt["config"])
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), ckpt["config"]
-
-
-def load_evaluator(path, device="cpu"):
-    """(evaluation classifier in eval mode with its temperature, config) from an evaluator checkpoint."""
-    from classifier import EvalConfig
-    ckpt = load(path)
-    if ckpt.get("kind") != "evaluator":
-        raise CheckpointError(f"{path} is a {ckpt.get('kind')} checkpoint, not an evaluation classifier")
-    model = EvalConfig(**ckpt["config"]["evaluator"]).build()
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt["config"]

@@ -1,6 +1,6 @@
 """Noisy guidance classifier p(y | x_t, t), spectral normalisation and temperature scaling.
 
-[ZSI] Sec. 4.2 / 5.5 and EXPERIMENTS.md §3: the "encoder half" of the U-Net [ADM sec. 4] (the same
+[ZSI] Sec. 4.2 / 5.5 and docs/paper_notes.md §3: the "encoder half" of the U-Net [ADM sec. 4] (the same
 ResBlocks and attention as unet.py, resblock_updown, attention pooling) with K outputs, trained with
 cross-entropy on x_t = q_sample(x_0, t) at uniform t of the *same* diffusion chain as the DDPM, with the raw
 integer t. Its gradient ∇_{x_t} log p(y | x_t, t) is what guidance.py turns into (multi-)guidance.
@@ -8,13 +8,10 @@ integer t. Its gradient ∇_{x_t} log p(y | x_t, t) is what guidance.py turns in
 Spectral normalisation [Miyato et al. 2018], used by [ZSI] Sec. 5.5 to smooth the classifier in the unseen
 middle: every Conv2d/Linear weight W is replaced by lipschitz · W / σ̂(W), σ̂ the largest singular value of
 W reshaped to (out, in·k·k), estimated by power iteration with persistent u/v buffers (n iterations per
-training forward, none in eval). Differences from the official copy (EXPERIMENTS.md §3.3, §16.15), all on
+training forward, none in eval). Differences from the official copy (docs/paper_notes.md §3.3, §16.15), all on
 purpose: the Lipschitz factor is saved with the model (the official sampler silently doubled it); biases are
 left alone (the official code projects them to unit norm, which bounds nothing); zero-initialised layers are
 normalised as soon as they become non-zero (the official power iteration got stuck at u = v = 0).
-
-Mirror-equivariant head (ours, the CPU circles preset; not in [ZSI]): logits(x) = g(x) + swap(g(flip x)),
-so a mirrored image gets the swapped label by construction and p = 1/2 on every mirror-symmetric image.
 
 Temperature scaling [Guo et al. 2017]: one scalar T fitted on held-out logits by minimising the NLL, stored
 in the model as a buffer, reported with the 15-bin ECE before and after.
@@ -26,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-from unet import build_encoder, normalization, time_mlp, timestep_embedding
+from unet import AttentionBlock, build_encoder, normalization, time_mlp, timestep_embedding
 
 
 class AttentionPool2d(nn.Module):
@@ -80,7 +77,6 @@ class ClassifierConfig:
     lipschitz: float = 0.5                  # per-layer bound when spectral_norm (official training default)
     n_power_iterations: int = 2
     pool: str = "attention"                 # "attention" (paper) | "adaptive" (ADM's global average pool)
-    mirror_equivariant: bool = False        # logits(flip x) = logits(x) with the 2 classes swapped (not in the paper)
 
     def build(self):
         kwargs = asdict(self)
@@ -101,14 +97,10 @@ class EncoderUNet(nn.Module):
 
     def __init__(self, image_size=64, in_channels=3, model_channels=128, num_res_blocks=2,
                  attention_resolutions=(32, 16, 8), channel_mult=(1, 2, 3, 4), num_head_channels=64,
-                 num_classes=2, use_scale_shift_norm=True, resblock_updown=True, dropout=0.0, pool="attention",
-                 mirror_equivariant=False):
+                 num_classes=2, use_scale_shift_norm=True, resblock_updown=True, dropout=0.0, pool="attention"):
         super().__init__()
         if pool not in ("attention", "adaptive"):
             raise ValueError(f"classifier pool {pool!r} unknown; choose attention or adaptive")
-        if mirror_equivariant and num_classes != 2:
-            raise ValueError(f"a mirror-equivariant head swaps 2 classes; this data has {num_classes}")
-        self.mirror_equivariant = mirror_equivariant
         self.model_channels = model_channels
         self.time_embed = time_mlp(model_channels)
         self.input_blocks, self.middle_block, _, ch, res = build_encoder(
@@ -127,17 +119,8 @@ class EncoderUNet(nn.Module):
         return F.silu(self.out_norm(self.middle_block(h, emb)))
 
     def forward(self, x, t):
-        """x: [N, C, H, W] noisy images x_t; t: [N] integer timesteps. Returns float32 logits / T.
-
-        Mirror-equivariant head (circles; our addition): logits(x) = g(x) + swap(g(flip x)), so that
-        logits(flip x) = swap(logits(x)) for every x, and p = 1/2 on every mirror-symmetric image. The
-        data has this symmetry (a circle at x has label 1[x >= W/2]); plain mirror augmentation only
-        imposes it on training images, this imposes it in the unseen middle too. One batched forward of 2N.
-        """
-        if not self.mirror_equivariant:
-            return self.pool(self.trunk(x, t)).float() / self.temperature
-        g, g_flip = self.pool(self.trunk(torch.cat([x, x.flip(-1)]), torch.cat([t, t]))).float().chunk(2)
-        return (g + g_flip.flip(-1)) / self.temperature
+        """x: [N, C, H, W] noisy images x_t; t: [N] integer timesteps. Returns float32 logits / T [N, K]."""
+        return self.pool(self.trunk(x, t)).float() / self.temperature
 
     def features(self, x, t):
         """Penultimate features: the trunk's output averaged over positions, [N, channels] (App. H, I)."""
@@ -145,69 +128,16 @@ class EncoderUNet(nn.Module):
 
 
 def noisy_classifier_loss(classifier, diffusion, x0, y, generator=None, t=None, noise=None):
-    """Cross-entropy of p(y | x_t, t) with t ~ U{0..T-1} and x_t = q_sample(x_0, t) (EXPERIMENTS.md §3.2).
+    """Cross-entropy of p(y | x_t, t) with t ~ U{0..T-1} and x_t = q_sample(x_0, t) (docs/paper_notes.md §3.2).
 
     t and noise are drawn from `generator` unless given. Returns (mean loss, logits) for logging accuracy.
     """
     if t is None:
-        t = torch.randint(0, diffusion.num_steps, (x0.shape[0],), generator=generator).to(x0.device)
+        t = torch.randint(0, diffusion.num_timesteps, (x0.shape[0],), generator=generator).to(x0.device)
     if noise is None:
         noise = torch.randn(x0.shape, generator=generator).to(x0.device)
     logits = classifier(diffusion.q_sample(x0, t, noise), t)
     return F.cross_entropy(logits, y), logits
-
-
-# ---------------------------------------------------------------------------------------------------
-# Evaluation classifier (clean images; EXPERIMENTS.md §5.1)
-# ---------------------------------------------------------------------------------------------------
-
-class BasicBlock(nn.Module):
-    """Two 3×3 convolutions with GroupNorm and SiLU, a residual (1×1 strided projection when shapes change)."""
-
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), normalization(cout), nn.SiLU(),
-                                  nn.Conv2d(cout, cout, 3, 1, 1, bias=False), normalization(cout))
-        self.skip = nn.Identity() if stride == 1 and cin == cout else nn.Conv2d(cin, cout, 1, stride, bias=False)
-
-    def forward(self, x):
-        return F.silu(self.body(x) + self.skip(x))
-
-
-@dataclass
-class EvalConfig:
-    """A compact ResNet for clean images: the attribute proxy z of [ZSI] Sec. 5 (the paper used an
-    EfficientNetV2-S from torchvision, which this project does not depend on)."""
-    in_channels: int = 3
-    width: int = 32
-    stages: int = 4                          # resolution halves after the stem and each stage but the last
-    num_classes: int = 2
-    dropout: float = 0.2
-
-    def build(self):
-        return EvalNet(**asdict(self))
-
-
-class EvalNet(nn.Module):
-    def __init__(self, in_channels=3, width=32, stages=4, num_classes=2, dropout=0.2):
-        super().__init__()
-        chans = [width * 2 ** i for i in range(stages)]
-        layers = [nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), normalization(width), nn.SiLU()]
-        cin = width
-        for i, c in enumerate(chans):
-            layers.append(BasicBlock(cin, c, stride=1 if i == 0 else 2))
-            cin = c
-        self.trunk = nn.Sequential(*layers)
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(cin, num_classes))
-        self.register_buffer("temperature", torch.ones(()))
-
-    def features(self, x, t=None):
-        """Penultimate features [N, channels] (t is ignored: clean images)."""
-        return self.trunk(x).mean(dim=(2, 3)).float()
-
-    def forward(self, x, t=None):
-        """Logits / T of clean images x in [-1, 1]."""
-        return self.head(self.features(x)) / self.temperature
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -257,7 +187,6 @@ def apply_spectral_norm(model, lipschitz=0.5, n_power_iterations=2):
     As in the official code, the attention layers (AttentionBlock, AttentionPool2d) and GroupNorm are left
     alone. Call before load_state_dict when restoring an SN checkpoint.
     """
-    from unet import AttentionBlock
     skip = {id(m) for a in model.modules() if isinstance(a, (AttentionBlock, AttentionPool2d))
             for m in a.modules()}
     for module in list(model.modules()):

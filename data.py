@@ -1,13 +1,13 @@
 """Datasets, batches and image files.
 
-Circles ([ZSI] Sec. 5.5, EXPERIMENTS.md §10): a black RGB image with one white filled disc of radius r at an
+Circles ([ZSI] Sec. 5.5, docs/paper_notes.md §10): a black RGB image with one white filled disc of radius r at an
 integer centre (x, y), drawn with PIL's `ellipse([x-r, y-r, x+r, y+r])` like the official generator. The
 training support holds only the extremes x ∈ [0, δ] ∪ [1-δ, 1] of the width (δ = 0.2: with W = 64,
 x ∈ {2..11} ∪ {52..61}; with W = 32, x ∈ {2..5} ∪ {26..29}), y over the full range, every (x, y) pair once;
 the label is 1{x ≥ W/2} (right border). The "full range" variant covers every x and is the reference for
 the evaluation and the classifier heatmap. Everything is deterministic given the seed.
 
-CelebA ([ZSI] Sec. 5-6, EXPERIMENTS.md §0, §11): the standard release layout ROOT/img_align_celeba/*.jpg,
+CelebA ([ZSI] Sec. 5-6, docs/paper_notes.md §0, §11): the standard release layout ROOT/img_align_celeba/*.jpg,
 ROOT/list_attr_celeba.txt (or the CSV variant list_attr_celeba.csv), ROOT/list_eval_partition.txt|csv;
 attribute values ±1 or 0/1. Images: centre crop 178×178, resize to 64 (bilinear, antialiased), as the
 paper. One attribute: label = attribute (Smiling: 1 = smiling). Two attributes (Sec. 6 / App. F): four
@@ -29,11 +29,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageCms, ImageDraw, ImageOps
 
+from cli import InputError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-
-
-class DataError(ValueError):
-    """Bad dataset input; the entry points print it as a one-line error."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -84,7 +82,7 @@ def sizes_dataset(image_size=32, r_min=2, r_max=11, delta=0.2, full_range=False,
         radii = np.concatenate([radii[:k], radii[-k:]])
     centres = np.arange(r_max, image_size - r_max)
     if len(centres) == 0:
-        raise DataError(f"--image-size {image_size} is too small for discs of radius {r_max}")
+        raise InputError(f"--image-size {image_size} is too small for discs of radius {r_max}")
     rows = np.array([(r, x, y) for r in radii for x in centres for y in centres], dtype=np.int64)
     rows = rows[np.random.default_rng(seed).permutation(len(rows))]
     images = np.stack([render_circles(row[None, 1:], image_size, int(row[0]))[0] for row in rows])
@@ -130,7 +128,7 @@ def read_rgb(path, background=BACKGROUND):
         is ignored, as viewers do. Without a profile, values are sRGB and CMYK maps as R = (255-C)(255-K)/255
         (Pillow's rule, the naive conversion browsers apply; Adobe-inverted CMYK JPEGs are un-inverted by
         Pillow's decoder). LAB, HSV, YCbCr use Pillow's conversions. PNG gAMA/cHRM chunks are not applied.
-    Animated files give their first frame. Raises DataError if the file cannot be read as an image.
+    Animated files give their first frame. Raises InputError if the file cannot be read as an image.
     """
     try:
         with Image.open(path) as img:
@@ -139,7 +137,7 @@ def read_rgb(path, background=BACKGROUND):
             img = ImageOps.exif_transpose(img)          # a transposed copy that keeps img.info
         return np.array(_viewer_rgb(img, depth, tuple(background)))
     except (OSError, ValueError, SyntaxError, ImageCms.PyCMSError) as e:
-        raise DataError(f"cannot read image {path}: {e}; save it as an 8-bit RGB PNG or JPEG") from None
+        raise InputError(f"cannot read image {path}: {e}; save it as an 8-bit RGB PNG or JPEG") from None
 
 
 def _viewer_rgb(img, depth, background):
@@ -183,10 +181,10 @@ def load_image_folder(folder, image_size=None):
     read_rgb (as a viewer shows it), then centre-cropped and resized to image_size if given."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise DataError(f"image folder {folder} does not exist; pass --data-dir pointing at PNG/JPEG files")
+        raise InputError(f"image folder {folder} does not exist; pass --data-dir pointing at PNG/JPEG files")
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise DataError(f"no .png/.jpg files in {folder}; expected files named {{label}}_{{k}}.png")
+        raise InputError(f"no .png/.jpg files in {folder}; expected files named {{label}}_{{k}}.png")
     prefixes = [p.name.split("_")[0] if "_" in p.name else "0" for p in files]
     classes = sorted(set(prefixes))
     images = []
@@ -196,7 +194,7 @@ def load_image_folder(folder, image_size=None):
             img = np.asarray(center_crop_resize(Image.fromarray(img), image_size))
         images.append(img)
     if len({im.shape for im in images}) > 1:
-        raise DataError(f"images in {folder} have different sizes; pass --image-size to resize them")
+        raise InputError(f"images in {folder} have different sizes; pass --image-size to resize them")
     return np.stack(images), np.array([classes.index(c) for c in prefixes], dtype=np.int64), classes
 
 
@@ -213,7 +211,7 @@ def _celeba_file(root, stem):
     for suffix in (".txt", ".csv"):
         if (root / (stem + suffix)).exists():
             return root / (stem + suffix)
-    raise DataError(f"CelebA file {root / stem}.txt (or .csv) is missing; expected the layout {CELEBA_LAYOUT}")
+    raise InputError(f"CelebA file {root / stem}.txt (or .csv) is missing; expected the layout {CELEBA_LAYOUT}")
 
 
 def _split_row(line, csv):
@@ -236,10 +234,10 @@ def read_celeba_attributes(root):
         files = [r[0] for r in rows]
         values = np.array([[int(v) for v in r[1:]] for r in rows])
     except (IndexError, ValueError):
-        raise DataError(f"{path} is malformed: expected a header of attribute names, then one line "
+        raise InputError(f"{path} is malformed: expected a header of attribute names, then one line "
                         f"`image.jpg v1 ... vK` per image with values ±1 or 0/1")
     if values.ndim != 2 or values.shape[1] != len(names) or not np.isin(values, (-1, 0, 1)).all():
-        raise DataError(f"{path} is malformed: every row needs {len(names)} values in {{-1, 0, 1}}")
+        raise InputError(f"{path} is malformed: every row needs {len(names)} values in {{-1, 0, 1}}")
     return files, names, (values > 0).astype(np.uint8)
 
 
@@ -251,7 +249,7 @@ def read_celeba_partition(root):
     try:
         return {r[0]: int(r[1]) for r in (_split_row(l, csv) for l in lines)}
     except (IndexError, ValueError):
-        raise DataError(f"{path} is malformed: expected lines `image.jpg split` with split 0/1/2")
+        raise InputError(f"{path} is malformed: expected lines `image.jpg split` with split 0/1/2")
 
 
 def celeba_labels(values, names, attrs):
@@ -260,7 +258,7 @@ def celeba_labels(values, names, attrs):
     parts = [a.split("/") for a in attrs]
     missing = [n for p in parts for n in p if n not in names]
     if missing or not 1 <= len(attrs) <= 2 or any(len(p) > 2 for p in parts):
-        raise DataError(f"--attr {','.join(attrs)}: give one or two CelebA attributes (or A/B pairs) of "
+        raise InputError(f"--attr {','.join(attrs)}: give one or two CelebA attributes (or A/B pairs) of "
                         f"{', '.join(names)}" if missing else f"--attr takes one or two attributes, got {attrs}")
     mask = np.ones(len(values), dtype=bool)
     bits = []
@@ -277,11 +275,11 @@ def read_index_file(path):
     """Positions (in the train split) listed one per line."""
     path = Path(path)
     if not path.exists():
-        raise DataError(f"index file {path} does not exist; expected one train-split position per line")
+        raise InputError(f"index file {path} does not exist; expected one train-split position per line")
     try:
         return np.array([int(l) for l in path.read_text().split()], dtype=np.int64)
     except ValueError:
-        raise DataError(f"index file {path} is malformed: expected one integer per line")
+        raise InputError(f"index file {path} is malformed: expected one integer per line")
 
 
 def celeba_split(root, attrs, split="train", index_file=None):
@@ -289,22 +287,22 @@ def celeba_split(root, attrs, split="train", index_file=None):
     one split, restricted to an index file (positions in the split) and to the rows --attr can label."""
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"CelebA folder {root} does not exist; pass --data-dir ROOT with {CELEBA_LAYOUT}")
+        raise InputError(f"CelebA folder {root} does not exist; pass --data-dir ROOT with {CELEBA_LAYOUT}")
     images_dir = root / "img_align_celeba"
     if not images_dir.is_dir():
-        raise DataError(f"{images_dir} is missing; expected the layout {CELEBA_LAYOUT}")
+        raise InputError(f"{images_dir} is missing; expected the layout {CELEBA_LAYOUT}")
     files, names, values = read_celeba_attributes(root)
     partition = read_celeba_partition(root)
     unknown = [f for f in files if f not in partition]
     if unknown:
-        raise DataError(f"{unknown[0]} is in list_attr_celeba but not in list_eval_partition; the files disagree")
+        raise InputError(f"{unknown[0]} is in list_attr_celeba but not in list_eval_partition; the files disagree")
     keep = np.array([partition[f] == CELEBA_SPLITS[split] for f in files])
     files, values = [f for f, k in zip(files, keep) if k], values[keep]
     positions = np.arange(len(files))
     if index_file is not None:
         positions = read_index_file(index_file)
         if len(positions) and (positions.min() < 0 or positions.max() >= len(files)):
-            raise DataError(f"index file {index_file} has positions outside the {split} split (0..{len(files) - 1})")
+            raise InputError(f"index file {index_file} has positions outside the {split} split (0..{len(files) - 1})")
     labels, usable = celeba_labels(values[positions], names, attrs)
     positions, labels = positions[usable], labels[usable]
     return [images_dir / files[i] for i in positions], labels, values[positions], names, positions
@@ -312,7 +310,7 @@ def celeba_split(root, attrs, split="train", index_file=None):
 
 def load_images(paths, image_size):
     """uint8 [N, S, S, 3]: each file decoded by read_rgb, then centre crop + resize (CelebA: 178×178 -> S).
-    Raises DataError naming the first file that cannot be read."""
+    Raises InputError naming the first file that cannot be read."""
     out = np.empty((len(paths), image_size, image_size, 3), dtype=np.uint8)
     for i, p in enumerate(paths):
         out[i] = np.asarray(center_crop_resize(Image.fromarray(read_rgb(p)), image_size))
@@ -326,9 +324,9 @@ def oversample(images, labels, spec):
     try:
         factors = {int(c): int(f) for c, f in (item.split(":") for item in spec.split(","))}
     except ValueError:
-        raise DataError(f"--oversample {spec!r} is not of the form CLASS:FACTOR[,CLASS:FACTOR], e.g. 0:2")
+        raise InputError(f"--oversample {spec!r} is not of the form CLASS:FACTOR[,CLASS:FACTOR], e.g. 0:2")
     if any(f < 1 for f in factors.values()):
-        raise DataError(f"--oversample {spec!r}: factors must be integers >= 1")
+        raise InputError(f"--oversample {spec!r}: factors must be integers >= 1")
     idx = np.concatenate([np.repeat(np.flatnonzero(labels == c), factors.get(int(c), 1)) for c in np.unique(labels)])
     idx.sort()
     return images[idx], labels[idx]
@@ -342,6 +340,22 @@ def center_crop_resize(img, size):
     return img.resize((size, size), Image.BILINEAR, reducing_gap=None)
 
 
+def load_data(data_config):
+    """(uint8 images [N, H, W, 3], labels [N]) of a run's training set, from its config["data"]."""
+    d = data_config
+    if d["name"] == "sizes":
+        images, labels, _ = sizes_dataset(d["image_size"], d["r_min"], d["r_max"], d["delta"], seed=d["seed"])
+        return images, labels
+    if d["name"] == "circles":
+        images, labels, _ = circles_dataset(d["image_size"], d["radius"], d["delta"], seed=d["seed"])
+        return images, labels
+    if d["name"] == "celeba":
+        paths, labels, _, _, _ = celeba_split(d["path"], d["attrs"], d.get("split", "train"), d.get("subset"))
+        return oversample(load_images(paths, d["image_size"]), labels, d.get("oversample"))
+    images, labels, _ = load_image_folder(d["path"], d["image_size"])
+    return oversample(images, labels, d.get("oversample"))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Batches and conversions
 # ---------------------------------------------------------------------------------------------------
@@ -350,13 +364,6 @@ def to_float(images_u8):
     """uint8 [N, H, W, C] numpy/tensor -> float32 [N, C, H, W] in [-1, 1]."""
     x = torch.as_tensor(images_u8)
     return x.permute(0, 3, 1, 2).float() / 127.5 - 1
-
-
-def channel_mean_stats(images_u8):
-    """Mean and variance over the data set of each image's channel means in [-1, 1] units (the "DC" prior of
-    ddpm.Diffusion.dc_corrected_eps), as dict(mean=[C], var=[C]) of floats."""
-    dc = images_u8.reshape(len(images_u8), -1, images_u8.shape[-1]).mean(axis=1, dtype=np.float64) / 127.5 - 1
-    return dict(mean=dc.mean(axis=0).tolist(), var=dc.var(axis=0).tolist())
 
 
 def to_uint8(x):
@@ -376,9 +383,9 @@ class Batches:
     def __init__(self, images, labels, batch_size, flip=False, flip_labels=False, seed=0, shard=(0, 1),
                  intensity=1.0):
         if batch_size < 1:
-            raise DataError(f"batch size must be at least 1, got {batch_size}")
+            raise InputError(f"batch size must be at least 1, got {batch_size}")
         if not 0 <= intensity <= 1:
-            raise DataError(f"intensity augmentation takes a minimum scale in [0, 1] (1 = off), got {intensity}")
+            raise InputError(f"intensity augmentation takes a minimum scale in [0, 1] (1 = off), got {intensity}")
         self.intensity = intensity
         rank, world = shard
         self.images = torch.as_tensor(images[rank::world]).permute(0, 3, 1, 2).contiguous()

@@ -2,26 +2,25 @@
 
 Implements [ZSI] App. A, which follows [DDPM] and [IDDPM]:
   cosine schedule               [IDDPM eq. 17]   = [ZSI eq. 10]   -> cosine_betas
-  q(x_t | x_0)                  [DDPM eq. 4]                      -> Diffusion.q_sample
-  q(x_{t-1} | x_t, x_0)         [DDPM eq. 6-7]   (ZSI eq. 5 is mistyped) -> Diffusion.q_posterior
-  learned-range variance        [IDDPM eq. 15]                    -> Diffusion.p_mean_variance
-  L_hybrid = L_simple + λ L_vlb [IDDPM eq. 16]                    -> Diffusion.training_losses
-  ancestral sampling            [DDPM Alg. 2]                     -> Diffusion.p_sample_loop
-  classifier guidance           [ADM Alg. 1]  = [ZSI eq. 2-3]     -> cond_fn argument of the samplers
-  DDIM                          [DDIM eq. 12]                     -> Diffusion.ddim_sample_loop
-  respacing                     [IDDPM sec. 4]                    -> Diffusion.respace
-  DC correction of ε̂ (ours, CPU preset; not in [ZSI])            -> Diffusion.dc_corrected_eps
+  q(x_t | x_0)                  [DDPM eq. 4]                      -> GaussianDiffusion.q_sample
+  q(x_{t-1} | x_t, x_0)         [DDPM eq. 6-7]   (ZSI eq. 5 is mistyped) -> GaussianDiffusion.q_posterior_mean_variance
+  learned-range variance        [IDDPM eq. 15]                    -> GaussianDiffusion.p_mean_variance
+  L_hybrid = L_simple + λ L_vlb [IDDPM eq. 16]                    -> GaussianDiffusion.training_losses
+  ancestral sampling            [DDPM Alg. 2]                     -> GaussianDiffusion.p_sample_loop
+  classifier guidance           [ADM Alg. 1]  = [ZSI eq. 2-3]     -> GaussianDiffusion.condition_mean
+  DDIM                          [DDIM eq. 12]                     -> GaussianDiffusion.ddim_sample_loop
+  respacing                     [IDDPM sec. 4]                    -> GaussianDiffusion.respace
 
 Symbol -> attribute (index 0 is the paper's t = 1, as in the official code):
   β_t -> betas        α_t -> alphas          ᾱ_t -> alphas_cumprod     ᾱ_{t-1} -> alphas_cumprod_prev
   β̃_t -> posterior_variance   log β̃_t (β̃_0 replaced by β̃_1) -> posterior_log_variance_clipped
-  T   -> num_steps    kept original indices after respacing -> timestep_map
+  T   -> num_timesteps    kept original indices after respacing -> timestep_map
 
 Schedules are computed in float64 (numpy) and gathered into float32 tensors, exactly like
 improved-diffusion. Networks always receive the *original* integer timestep (0..T-1, no rescaling),
 also after respacing, so a classifier trained on the full chain guides a respaced sampler.
 
-Guidance semantics (EXPERIMENTS.md §1.7): ancestral sampling shifts the mean, μ' = μ + Σ ⊙ g, where
+Guidance semantics (docs/paper_notes.md §1.7): ancestral sampling shifts the mean, μ' = μ + Σ ⊙ g, where
 g = cond_fn(x_t, t) is the gradient of the weighted class log-probabilities *at x_t* (guided-diffusion's
 choice; [ZSI] Sec. 2.2 writes the gradient at μ: `guide_at="mean"`). DDIM uses the score form
 ε' = ε - sqrt(1-ᾱ_t) g.
@@ -37,20 +36,20 @@ import torch
 # Schedules
 # ---------------------------------------------------------------------------------------------------
 
-def cosine_betas(num_steps, s=0.008, max_beta=0.999):
+def cosine_betas(num_timesteps, s=0.008, max_beta=0.999):
     """[IDDPM eq. 17]: ᾱ(u) = cos²((u + s)/(1 + s) · π/2), β_i = min(1 - ᾱ((i+1)/T) / ᾱ(i/T), max_beta)."""
     f = lambda u: math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
-    return np.array([min(1 - f((i + 1) / num_steps) / f(i / num_steps), max_beta)
-                     for i in range(num_steps)], dtype=np.float64)
+    return np.array([min(1 - f((i + 1) / num_timesteps) / f(i / num_timesteps), max_beta)
+                     for i in range(num_timesteps)], dtype=np.float64)
 
 
-def linear_betas(num_steps):
+def linear_betas(num_timesteps):
     """[DDPM] linear schedule 1e-4..0.02, rescaled so any T gives the same shape as T = 1000."""
-    scale = 1000 / num_steps
-    return np.linspace(scale * 1e-4, scale * 0.02, num_steps, dtype=np.float64)
+    scale = 1000 / num_timesteps
+    return np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64)
 
 
-def space_timesteps(num_steps, spec):
+def space_timesteps(num_timesteps, spec):
     """The sorted original indices kept when respacing [IDDPM sec. 4], as improved-diffusion's `space_timesteps`
     (improved_diffusion/respace.py) keeps them.
 
@@ -66,14 +65,14 @@ def space_timesteps(num_steps, spec):
     spec = str(spec)
     if spec.startswith("ddim"):
         k = int(spec[len("ddim"):])
-        for stride in range(1, num_steps):
-            if len(range(0, num_steps, stride)) == k:
-                return list(range(0, num_steps, stride))
-        raise ValueError(f"cannot make {k} evenly strided steps out of {num_steps}")
+        for stride in range(1, num_timesteps):
+            if len(range(0, num_timesteps, stride)) == k:
+                return list(range(0, num_timesteps, stride))
+        raise ValueError(f"cannot make {k} evenly strided steps out of {num_timesteps}")
     counts = [int(c) for c in spec.split(",")]
     if counts == [1]:
-        return [num_steps - 1]
-    size_per, extra = divmod(num_steps, len(counts))
+        return [num_timesteps - 1]
+    size_per, extra = divmod(num_timesteps, len(counts))
     kept, start = [], 0
     for i, count in enumerate(counts):
         size = size_per + (1 if i < extra else 0)
@@ -128,34 +127,33 @@ def mean_flat(x):
 
 @dataclass
 class DiffusionConfig:
-    """Everything needed to rebuild a Diffusion; saved next to every checkpoint."""
-    num_steps: int = 4000        # T [ZSI App. C]
+    """Everything needed to rebuild a GaussianDiffusion; saved next to every checkpoint."""
+    diffusion_steps: int = 4000  # T [ZSI App. C]
     schedule: str = "cosine"     # "cosine" [IDDPM] (every paper run) or "linear" [DDPM]
     learn_sigma: bool = True     # learned-range variance + hybrid loss [IDDPM]; False: fixed β_t
     sigma_small: bool = False    # with learn_sigma=False: β̃_t instead of β_t
     vb_scale: float = 1.0        # 1 = official configs (rescale_learned_sigmas: false); T/1000 = paper's λ=0.001
 
     def build(self):
-        betas = {"cosine": cosine_betas, "linear": linear_betas}[self.schedule](self.num_steps)
-        return Diffusion(betas, learn_sigma=self.learn_sigma, sigma_small=self.sigma_small,
+        betas = {"cosine": cosine_betas, "linear": linear_betas}[self.schedule](self.diffusion_steps)
+        return GaussianDiffusion(betas, learn_sigma=self.learn_sigma, sigma_small=self.sigma_small,
                          vb_scale=self.vb_scale)
 
 
-class Diffusion:
+class GaussianDiffusion:
     """A discrete-time Gaussian diffusion with T = len(betas) steps.
 
     The model is any callable `model(x_t, t, **model_kwargs) -> tensor` with 2C channels when
     `learn_sigma` (ε̂ then v) and C channels otherwise; t is the original integer timestep.
     """
 
-    def __init__(self, betas, learn_sigma=True, sigma_small=False, vb_scale=1.0, timestep_map=None, dc_prior=None):
+    def __init__(self, betas, learn_sigma=True, sigma_small=False, vb_scale=1.0, timestep_map=None):
         betas = np.asarray(betas, dtype=np.float64)
         assert betas.ndim == 1 and (betas > 0).all() and (betas <= 1).all(), "betas must lie in (0, 1]"
         self.betas = betas
-        self.num_steps = len(betas)
+        self.num_timesteps = len(betas)
         self.learn_sigma, self.sigma_small, self.vb_scale = learn_sigma, sigma_small, vb_scale
-        self.timestep_map = np.arange(self.num_steps) if timestep_map is None else np.asarray(timestep_map)
-        self.dc_prior = dc_prior    # None, or (mean [C], var [C]) of the data's per-image channel means
+        self.timestep_map = np.arange(self.num_timesteps) if timestep_map is None else np.asarray(timestep_map)
 
         self.alphas = 1.0 - betas
         self.alphas_cumprod = np.cumprod(self.alphas)
@@ -169,7 +167,7 @@ class Diffusion:
         self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         # β̃_0 = 0, so its log is replaced by log β̃_1 (improved-diffusion's clipping). A one-step chain
         # (respaced K = 1) has no β̃_1: β_0 stands in. Index 0 adds no noise, so no sample depends on it.
-        self.posterior_variance_1 = self.posterior_variance[1] if self.num_steps > 1 else betas[0]
+        self.posterior_variance_1 = self.posterior_variance[1] if self.num_timesteps > 1 else betas[0]
         self.posterior_log_variance_clipped = np.log(
             np.append(self.posterior_variance_1, self.posterior_variance[1:]))
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
@@ -193,19 +191,13 @@ class Diffusion:
         New betas are recomputed so that the respaced ᾱ'_j equals the original ᾱ at the kept index k_j
         (β' is not re-clipped); `timestep_map` maps j back to k_j for every network call.
         """
-        kept = space_timesteps(self.num_steps, spec)
+        kept = space_timesteps(self.num_timesteps, spec)
         betas, last = [], 1.0
         for k in kept:
             betas.append(1.0 - self.alphas_cumprod[k] / last)
             last = self.alphas_cumprod[k]
-        return Diffusion(np.array(betas), learn_sigma=self.learn_sigma, sigma_small=self.sigma_small,
-                         vb_scale=self.vb_scale, timestep_map=self.timestep_map[kept], dc_prior=self.dc_prior)
-
-    def with_dc_prior(self, mean, var):
-        """This chain, with ε̂'s per-image channel means replaced at sampling (see `dc_corrected_eps`)."""
-        dc_prior = (np.asarray(mean, dtype=np.float64), np.asarray(var, dtype=np.float64))
-        return Diffusion(self.betas, learn_sigma=self.learn_sigma, sigma_small=self.sigma_small,
-                         vb_scale=self.vb_scale, timestep_map=self.timestep_map, dc_prior=dc_prior)
+        return GaussianDiffusion(np.array(betas), learn_sigma=self.learn_sigma, sigma_small=self.sigma_small,
+                         vb_scale=self.vb_scale, timestep_map=self.timestep_map[kept])
 
     # ----- forward process -----
     def q_sample(self, x0, t, noise=None):
@@ -214,7 +206,7 @@ class Diffusion:
         return (self._extract(self.sqrt_alphas_cumprod, t, x0) * x0
                 + self._extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
 
-    def q_posterior(self, x0, x_t, t):
+    def q_posterior_mean_variance(self, x0, x_t, t):
         """Mean, variance and clipped log variance of q(x_{t-1} | x_t, x_0) [DDPM eq. 6-7]."""
         mean = (self._extract(self.posterior_mean_coef1, t, x_t) * x0
                 + self._extract(self.posterior_mean_coef2, t, x_t) * x_t)
@@ -256,35 +248,11 @@ class Diffusion:
                 log_var = np.log(var)
             variance = self._extract(var, t, x_t).expand_as(x_t)
             log_variance = self._extract(log_var, t, x_t).expand_as(x_t)
-        if self.dc_prior is not None:
-            eps = self.dc_corrected_eps(x_t, t, eps)
         pred_x0 = self.predict_x0_from_eps(x_t, t, eps)
         if clip_denoised:
             pred_x0 = pred_x0.clamp(-1, 1)
-        mean, _, _ = self.q_posterior(pred_x0, x_t, t)
+        mean, _, _ = self.q_posterior_mean_variance(pred_x0, x_t, t)
         return dict(mean=mean, variance=variance, log_variance=log_variance, pred_x0=pred_x0, eps=eps)
-
-    def dc_corrected_eps(self, x_t, t, eps):
-        """ε̂ with its per-image channel means (its "DC") replaced by E[DC(ε) | DC(x_t)]. Our addition, not in [ZSI].
-
-        Why: a GroupNorm U-Net barely sees the mean of its input, so a small one predicts DC(ε̂) ≈ 0 whatever
-        DC(x_t) is; x̂_0 absorbs the missed DC amplified by 1/sqrt(ᾱ_t), and every CPU sample ends on its own
-        random grey background (RESULTS.md). The DC of x_t is u = sqrt(ᾱ) u_0 + sqrt(1-ᾱ) u_ε with u_ε ~ N(0, 1/n)
-        exactly (n pixels) and u_0 ~ N(m, s²) for the data (mean m, variance s² of its per-image channel means,
-        measured on the training set). The posterior mean is linear (Gaussian conditioning):
-
-            E[u_ε | u] = sqrt(1-ᾱ)/n / (ᾱ s² + (1-ᾱ)/n) · (u − sqrt(ᾱ) m).
-
-        s² = 0 (every circles image has the same mean) gives (u − sqrt(ᾱ) m)/sqrt(1-ᾱ): x̂_0's mean is then m
-        exactly; a large s² (faces) leaves at most a small pull towards m at low noise.
-        """
-        mean, var = (torch.as_tensor(a, dtype=torch.float32, device=x_t.device).view(1, -1, 1, 1)
-                     for a in self.dc_prior)
-        n = x_t.shape[2] * x_t.shape[3]
-        abar = self._extract(self.alphas_cumprod, t, x_t)
-        u = x_t.mean(dim=(2, 3), keepdim=True)
-        gain = (1 - abar).sqrt() / n / (abar * var + (1 - abar) / n)
-        return eps - eps.mean(dim=(2, 3), keepdim=True) + gain * (u - abar.sqrt() * mean)
 
     # ----- training -----
     def training_losses(self, model, x0, t, noise=None, model_kwargs=None):
@@ -311,7 +279,7 @@ class Diffusion:
 
     def vb_terms_bpd(self, x0, x_t, t, model=None, model_output=None, clip_denoised=False):
         """L_t in bits per dimension: KL for t > 0, decoder NLL for t = 0 [IDDPM eq. 4-6]."""
-        true_mean, _, true_log_var = self.q_posterior(x0, x_t, t)
+        true_mean, _, true_log_var = self.q_posterior_mean_variance(x0, x_t, t)
         p = self.p_mean_variance(model, x_t, t, clip_denoised=clip_denoised, model_output=model_output)
         kl = mean_flat(normal_kl(true_mean, true_log_var, p["mean"], p["log_variance"])) / math.log(2.0)
         nll = -mean_flat(discretized_gaussian_log_likelihood(
@@ -319,25 +287,31 @@ class Diffusion:
         return torch.where(t == 0, nll, kl)
 
     # ----- ancestral sampling -----
+    def condition_mean(self, cond_fn, out, x_t, t, guide_at="x_t"):
+        """The guided mean μ + Σ ⊙ g with g = cond_fn(x_t, t) = ∇_{x_t} Σ_m λ_m log p(y_m | x_t, t)
+        [ADM Alg. 1] = [ZSI eq. 2-3] (guided-diffusion's `condition_mean`).
+
+        guide_at="mean": g at μ instead, as [ZSI] Sec. 2.2 writes it, with the timestep of x_{t-1} (the expansion
+        of log p(y | x_{t-1}) around its mean μ [ADM sec. 4.1]; index 0 at the last step).
+        """
+        at, t_at = (out["mean"], (t - 1).clamp(min=0)) if guide_at == "mean" else (x_t, t)
+        return out["mean"] + out["variance"] * self._call(cond_fn, at, t_at).float()
+
     def p_sample(self, model, x_t, t, cond_fn=None, clip_denoised=True, model_kwargs=None, noise=None,
                  guide_at="x_t"):
-        """One step x_t -> x_{t-1} [DDPM Alg. 2], with the guided mean μ + Σ ⊙ cond_fn(x_t, t) [ADM Alg. 1].
-
-        guide_at="mean": the gradient at μ instead, as [ZSI] Sec. 2.2 writes it, with the timestep of x_{t-1}
-        (the expansion of log p(y | x_{t-1}) around its mean μ [ADM sec. 4.1]; index 0 at the last step).
-        """
+        """One step x_t -> x_{t-1} [DDPM Alg. 2 line 4], guided by cond_fn [ADM Alg. 1]. Returns dict(sample, pred_x0)."""
+        # 1. p(x_{t-1} | x_t) = N(μ_θ, Σ_θ) from the network's ε̂ and v [ZSI eq. 7-8], [IDDPM eq. 15]
         out = self.p_mean_variance(model, x_t, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
-        mean = out["mean"]
-        if cond_fn is not None:
-            at, t_at = (mean, (t - 1).clamp(min=0)) if guide_at == "mean" else (x_t, t)
-            mean = mean + out["variance"] * self._call(cond_fn, at, t_at).float()
+        # 2. (multi-)guidance shifts the mean: μ + Σ ⊙ ∇ log p(y | x_t) [ZSI eq. 2-3]
+        mean = out["mean"] if cond_fn is None else self.condition_mean(cond_fn, out, x_t, t, guide_at)
+        # 3. x_{t-1} = μ + σ z, no noise at the last step (t = 0)
         noise = torch.randn_like(x_t) if noise is None else noise
-        nonzero = (t != 0).float().view(-1, *([1] * (x_t.ndim - 1)))  # no noise at the last step
+        nonzero = (t != 0).float().view(-1, *([1] * (x_t.ndim - 1)))
         return dict(sample=mean + nonzero * torch.exp(0.5 * out["log_variance"]) * noise,
                     pred_x0=out["pred_x0"])
 
     def _indices(self, t_start, progress):
-        steps = list(range(self.num_steps if t_start is None else t_start + 1))[::-1]
+        steps = list(range(self.num_timesteps if t_start is None else t_start + 1))[::-1]
         if progress is True:
             from tqdm.auto import tqdm
             return tqdm(steps, desc="sampling", unit="step", leave=False)
@@ -370,12 +344,16 @@ class Diffusion:
     def ddim_sample(self, model, x_t, t, cond_fn=None, eta=0.0, clip_denoised=True, model_kwargs=None,
                     noise=None):
         """One DDIM step [DDIM eq. 12]; σ_t = η sqrt((1-ᾱ_{t-1})/(1-ᾱ_t)) sqrt(1-ᾱ_t/ᾱ_{t-1}) [DDIM eq. 16]."""
+        # 1. x̂_0 and ε̂ from the network [DDIM eq. 12, "predicted x_0"]
         out = self.p_mean_variance(model, x_t, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
+        # 2. guidance in score form: ε' = ε̂ - sqrt(1-ᾱ_t) g [ADM eq. 14]
         pred_x0 = out["pred_x0"] if cond_fn is None else self.condition_score(cond_fn, out, x_t, t)
         eps = self.predict_eps_from_x0(x_t, t, pred_x0)
+        # 3. σ_t(η) [DDIM eq. 16]
         a_bar = self._extract(self.alphas_cumprod, t, x_t)
         a_bar_prev = self._extract(self.alphas_cumprod_prev, t, x_t)
         sigma = eta * torch.sqrt((1 - a_bar_prev) / (1 - a_bar)) * torch.sqrt(1 - a_bar / a_bar_prev)
+        # 4. x_{t-1} = sqrt(ᾱ_{t-1}) x̂_0 + sqrt(1-ᾱ_{t-1}-σ²) ε' + σ z [DDIM eq. 12]
         mean = pred_x0 * torch.sqrt(a_bar_prev) + torch.sqrt((1 - a_bar_prev - sigma ** 2).clamp(min=0)) * eps
         nonzero = (t != 0).float().view(-1, *([1] * (x_t.ndim - 1)))
         if noise is None:

@@ -1,13 +1,13 @@
 """Evaluation: circle detection and accuracy, histogram divergences to uniform, and the pictures.
 
-Circles ([ZSI] Sec. 5.5; EXPERIMENTS.md §10): each sample is thresholded (grey > 127) and split into
+Circles ([ZSI] Sec. 5.5; docs/paper_notes.md §10): each sample is thresholded (grey > 127) and split into
 8-connected components with OpenCV; a component's centre is its centroid (first image moments). Components
 smaller than `min_area` pixels (default 5, a quarter of the 21-pixel radius-2 disc) are sampling grain, not
 circles, and are ignored; the counts with every component ("any size") are reported too. A sample is
 valid when it holds exactly one circle. "Accuracy" is the fraction of *all* samples with exactly one circle
 whose centre x/W lies in the unseen middle [0.2, 0.8]; the fraction with 0 or ≥2 circles is reported beside it.
 
-Divergence of a histogram to uniform ([ZSI] Sec. 5, App. B; EXPERIMENTS.md §5.3), 100 bins, h normalised
+Divergence of a histogram to uniform ([ZSI] Sec. 5, App. B; docs/paper_notes.md §5.3), 100 bins, h normalised
 to sum 1: KLD = Σ h_i ln(h_i · 100) with 0 ln 0 = 0 (nats), and the paper's "MSE" = sqrt(Σ (h_i - 1/100)²),
 which is an L2 norm, not a mean squared error. `paper_exact=True` bins over the sample's own [min, max] as
 the paper's scripts do (`plt.hist` without a range); `paper_exact=False` bins over [0, 1], the clean
@@ -19,6 +19,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+
+import checkpoint as ckpt_io
+from cli import InputError
+from data import circles_dataset, load_data, make_grid, render_circles, sizes_dataset, to_float
+from device import host_info
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -63,7 +68,6 @@ def circle_metrics(images, middle=(0.2, 0.8), min_area=MIN_AREA):
 
 def classifier_heatmap(classifier, image_size, radius=2, t=0, device="cpu", batch_size=256, target=1):
     """p(y = target | one circle at (x, y), t) on the full grid; [len(ys), len(xs)] array and the coords."""
-    from data import render_circles, to_float
     coords = np.arange(radius, image_size - radius)
     pos = np.array([(x, y) for y in coords for x in coords])
     probs = []
@@ -171,7 +175,6 @@ def cosine_nearest(queries, references, exclude_self=False):
 def plot_nearest(samples, train_images, idx, dist, train_dist, path, n=16):
     """Closest sample/training pairs (top row samples, bottom row their nearest training images) and the
     distribution of sample->train vs train->train nearest-neighbour distances."""
-    from data import make_grid
     plt = _pyplot()
     order = np.argsort(dist)[:n]
     pairs = np.concatenate([samples[order], train_images[idx[order]]])
@@ -287,7 +290,6 @@ def plot_log_heatmaps(named_maps, path, xlabel, ylabel):
 
 def plot_overview(unguided, guided, named_values, path, title=""):
     """One figure for people: unguided samples | guided samples | histogram of circle centres."""
-    from data import make_grid
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.3), gridspec_kw=dict(width_ratios=[1, 1, 1.35]))
     for ax, (name, imgs) in zip(axes[:2], (("unguided", unguided), (title or "guided", guided))):
@@ -308,14 +310,121 @@ def plot_overview(unguided, guided, named_values, path, title=""):
     plt.close(fig)
 
 
-def write_report(report, folder, title, stem="report"):
-    """<stem>.json (machine-readable) and <stem>.md (a table for people) in `folder`."""
+def write_report(report, folder, title, stem="report", device="cpu", amp=False):
+    """<stem>.json (machine-readable) and <stem>.md (a table for people) in `folder`, with the host that produced
+    them (device.host_info: CPU flags or GPU, AMP mode, torch version) added as "host"."""
     folder = Path(folder)
     clean = {k: v for k, v in report.items() if not isinstance(v, np.ndarray)}
+    clean["host"] = host_info(device, amp)
     (folder / f"{stem}.json").write_text(json.dumps(clean, indent=2, default=float) + "\n")
     lines = [f"# {title}", "", "| metric | value |", "|---|---|"]
     for k, v in clean.items():
         if isinstance(v, float):
             v = f"{v:.4f}"
+        elif isinstance(v, dict):
+            v = ", ".join(f"{a} {b}" for a, b in v.items())
         lines.append(f"| {k} | {v} |")
     (folder / f"{stem}.md").write_text("\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reports of a run: circles pictures, sample quality
+# ---------------------------------------------------------------------------------------------------
+
+def unguided_circles_report(samples):
+    """What train.py reports on its unguided EMA samples of circles: one circle, one circle at a border."""
+    m = circle_metrics(samples)
+    return dict(samples=len(samples), one_circle=1 - m["invalid"],
+                one_circle_at_border=float(((m["x"] < 0.2) | (m["x"] > 0.8)).sum() / len(samples)),
+                in_middle=m["accuracy"], zero_circles=m["zero_circles"], multi_circles=m["multi_circles"],
+                one_circle_any_size=1 - m["invalid_any_size"])
+
+
+def circles_sample_report(samples, label, data_config, run, out, classifiers, device, which="main", seconds=0.0):
+    """sample.py's numbers and pictures for circles: accuracy in the middle, 0 or 2+ circles (also counting blobs
+    of any size), the centre histogram, the overview figure and the classifier heatmaps (`circles_pictures`)."""
+    m = circle_metrics(samples)
+    circles_pictures(samples, m["x"], label, data_config, run, out, classifiers, device, which)
+    print(f"[sample] accuracy (one circle, centre x/W in [0.2, 0.8]) {m['accuracy'] * 100:.1f}% | "
+          f"0 or 2+ circles {m['invalid'] * 100:.1f}% (blobs of any size: "
+          f"{m['accuracy_any_size'] * 100:.1f}% | {m['invalid_any_size'] * 100:.1f}%) | {seconds:.0f}s", flush=True)
+    return dict(accuracy_middle=m["accuracy"], zero_or_multi=m["invalid"], zero_circles=m["zero_circles"],
+                multi_circles=m["multi_circles"], min_area=MIN_AREA, accuracy_any_size=m["accuracy_any_size"],
+                zero_or_multi_any_size=m["invalid_any_size"])
+
+
+def sizes_sample_report(samples, data_config, label, out):
+    """sample.py's numbers for object sizes (App. K): radius in the unseen middle, larger than any training
+    object, 0 or 2+ objects, and the histogram of normalised radii against the training data."""
+    d = data_config
+    m = size_metrics(samples, d["r_min"], d["r_max"])
+    _, _, train_r = sizes_dataset(d["image_size"], d["r_min"], d["r_max"], d["delta"], seed=d["seed"])
+    report = dict(accuracy_middle=m["accuracy"], zero_or_multi=m["invalid"],
+                  larger_than_training=float((m["z"] > 1).sum() / len(samples)),
+                  median_radius=float(np.median(m["radius"])) if len(m["radius"]) else None)
+    plot_histograms({"training data": (train_r - d["r_min"]) / (d["r_max"] - d["r_min"]), label: m["z"]},
+                    out / "histogram_size.png", "normalised radius (r - r_min) / (r_max - r_min)", bins=60, span=None)
+    print(f"[sample] sizes: {m['accuracy'] * 100:.1f}% of samples have a radius in the unseen middle | "
+          f"{report['larger_than_training'] * 100:.1f}% larger than any training object | "
+          f"0 or 2+ objects {m['invalid'] * 100:.1f}%", flush=True)
+    return report
+
+
+def heatmap_classifiers(run, classifiers, which="main"):
+    """{name: path} of the classifiers whose heatmaps to draw: the run's classifier and classifier_sn plus the
+    guidance classifiers `classifiers` ([(name, path)]) (main), or every .pt in the run folder but the DDPM (all)."""
+    stems = None if which == "all" else {"classifier", "classifier_sn"}
+    paths = {p.stem: p for p in sorted(run.glob("*.pt")) if p.stem != "ddpm" and (stems is None or p.stem in stems)}
+    paths.update({n: p for n, p in classifiers})
+    return paths
+
+
+def circles_pictures(samples, x, label, data_config, run, out, classifiers, device, which="main"):
+    """Histogram of centres (train / unguided / these samples), overview figure, heatmaps of the classifiers."""
+    d = data_config
+    _, _, pos = circles_dataset(d["image_size"], d["radius"], d["delta"], seed=d["seed"])
+    hists = {"training data": pos[:, 0] / d["image_size"]}
+    unguided = run / "ddpm_samples.npz"
+    if unguided.exists():
+        unguided = np.load(unguided)["images"]
+        hists["unguided"] = circle_metrics(unguided)["x"]
+    hists[label] = x
+    plot_histograms(hists, out / "histogram_x.png", "circle centre x / W (single-circle samples)")
+    if isinstance(unguided, np.ndarray):
+        plot_overview(unguided, samples, hists, out / "overview.png", title=label)
+    maps = {}
+    for n, p in heatmap_classifiers(run, classifiers, which).items():
+        try:
+            clf, _ = ckpt_io.load_classifier(p, device)
+        except InputError:
+            continue
+        maps[n], coords = classifier_heatmap(clf, d["image_size"], d["radius"], device=device)
+    if maps:
+        plot_heatmaps(maps, coords, out / "heatmaps.png", d["image_size"])
+
+
+def feature_extractors(classifier_path, device, batch_size=256):
+    """{name: uint8 images -> [N, D]}: raw pixels and the guidance classifier's penultimate features at t = 0
+    (CLIP / Inception are not available offline; pass your own extractor to quality_report)."""
+    extractors = {"pixels": lambda imgs: imgs.reshape(len(imgs), -1).astype(np.float32) / 127.5 - 1}
+    if classifier_path is not None and Path(classifier_path).exists():
+        clf, _ = ckpt_io.load_classifier(classifier_path, device)
+
+        def clf_features(imgs):
+            with torch.no_grad():
+                return np.concatenate([clf.features(to_float(imgs[i:i + batch_size]).to(device),
+                                                    torch.zeros(len(imgs[i:i + batch_size]), dtype=torch.long,
+                                                                device=device)).cpu().numpy()
+                                       for i in range(0, len(imgs), batch_size)])
+        extractors["classifier"] = clf_features
+    return extractors
+
+
+def run_quality_report(samples, data_config, classifier_path, out, device):
+    """quality_report of a run's samples: against every circle position (circles: the interpolation target) or
+    the training set, in pixel and guidance-classifier feature space (App. H, I)."""
+    train_images, _ = load_data(data_config)
+    d = data_config
+    reference = circles_dataset(d["image_size"], d["radius"], d["delta"], full_range=True)[0] \
+        if d["name"] == "circles" else train_images
+    return quality_report(samples, train_images, reference, feature_extractors(classifier_path, device), out)

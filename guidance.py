@@ -6,28 +6,14 @@ to the unconditional one. With one classifier and λ = (30, 30) this is the pape
 extremes pull against each other and samples land where the classifier is unsure, the unseen middle.
 Regular classifier guidance [ADM Alg. 1] is the special case of a single non-zero weight.
 
-`multi_guidance(...)` returns `cond_fn(x_t, t) -> g` for ddpm.Diffusion's samplers: one forward and one
+`multi_guidance(...)` returns `cond_fn(x_t, t) -> g` for ddpm.GaussianDiffusion's samplers: one forward and one
 backward per classifier per step whatever the number of classes, in float32. As in guided-diffusion, the
-gradient is taken at x_t with the original timestep (Diffusion maps respaced indices back before calling);
-[ZSI] Sec. 2.2 writes it at μ_θ(x_t, t) instead (EXPERIMENTS.md §16.5). The sampler then shifts the mean by
-Σ ⊙ g (ancestral) or ε by -sqrt(1-ᾱ_t) g (DDIM). `above_timestep(cond_fn, t_min)` restricts guidance to
-t >= t_min (the CPU preset's addition; the paper guides every step).
+gradient is taken at x_t with the original timestep (GaussianDiffusion maps respaced indices back before calling);
+[ZSI] Sec. 2.2 writes it at μ_θ(x_t, t) instead (docs/paper_notes.md §16.5). The sampler then shifts the mean by
+Σ ⊙ g (ancestral, `condition_mean`) or ε by -sqrt(1-ᾱ_t) g (DDIM, `condition_score`). The paper guides every
+step; the CPU preset's guidance window is a wrapper of the cond_fn made here (cpu_preset.guidance_window).
 """
 import torch
-
-
-def parse_lambdas(text, num_classes=None):
-    """'30,30' -> [30.0, 30.0]; raises ValueError with a message naming the expected form."""
-    try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
-        raise ValueError(f"--lambdas {text!r} is not a comma-separated list of numbers, e.g. --lambdas 30,30")
-    if any(v != v or abs(v) == float("inf") for v in values):
-        raise ValueError(f"--lambdas {text!r} has a NaN or infinite value; give finite numbers, e.g. 30,30")
-    if num_classes is not None and len(values) != num_classes:
-        raise ValueError(f"--lambdas {text!r} has {len(values)} value(s) but the classifier has {num_classes} "
-                         f"classes; give one weight per class, e.g. --lambdas {','.join(['30'] * num_classes)}")
-    return values
 
 
 def multi_guidance(classifiers, lambdas):
@@ -51,23 +37,6 @@ def multi_guidance(classifiers, lambdas):
             return torch.autograd.grad(total, x)[0]
 
     return cond_fn
-
-
-def above_timestep(cond_fn, t_min):
-    """cond_fn applied only where t >= t_min (original timesteps), 0 below; a batch entirely below t_min does not
-    call the classifiers at all. Not in the paper: the CPU preset stops guiding at low noise, where the
-    gradient's cheapest way to p = 1/2 is to fade the disc rather than move it (RESULTS.md, session 12).
-    t_min <= 0 returns cond_fn itself (the paper: every step guided)."""
-    if cond_fn is None or t_min <= 0:
-        return cond_fn
-
-    def limited(x_t, t):
-        keep = t >= t_min
-        if not bool(keep.any()):
-            return torch.zeros_like(x_t, dtype=torch.float32)
-        return cond_fn(x_t, t) * keep.view(-1, *[1] * (x_t.dim() - 1)).float()
-
-    return limited
 
 
 def classifier_free(model, lambda_, num_classes):

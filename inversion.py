@@ -5,9 +5,17 @@ the paper), interpolate the two latents with slerp (spherical; lerp for comparis
 App. N: invert an image to t_start, then denoise with classifier guidance using DDIM with a per-step
 η_t = t / t_start (deterministic near the data, stochastic near the latent), which keeps the image's layout
 while the guidance changes the attribute. Both run on a respaced chain; indices are respaced steps.
+`sample.py --interpolate` / `--edit` call `run_inversion`, which also measures circle positions on circles.
 """
+from pathlib import Path
+
 import numpy as np
 import torch
+
+from cli import InputError
+from data import circles_dataset, load_images, save_grid, to_float, to_uint8
+from evaluate import circle_metrics, detect_circles, plot_histograms, write_report
+from generate import sampling_model
 
 
 def slerp(z0, z1, alpha):
@@ -26,7 +34,7 @@ def lerp(z0, z1, alpha):
     return (1 - alpha) * z0 + alpha * z1
 
 
-def inversion_index(t_fraction, num_steps):
+def inversion_index(t_fraction, num_timesteps):
     """The respaced index of the latent at `t_fraction` in (0, 1] of a K-step chain: round(t_fraction·(K-1)),
     at least 1.
 
@@ -34,18 +42,18 @@ def inversion_index(t_fraction, num_steps):
     the indices 1..K-1 (original timesteps timestep_map[1..K-1]); t_fraction = 1 is index K-1, original
     t = T-1, the whole chain. A one-step chain has no latent to invert to.
     """
-    if num_steps < 2:
-        raise ValueError(f"--interpolate / --edit invert to a respaced index in 1..steps-1, so they need --steps 2 "
-                         f"or more; got {num_steps}")
+    if num_timesteps < 2:
+        raise InputError(f"--interpolate / --edit invert to a respaced index in 1..steps-1, so they need --sample-steps "
+                         f"2 or more; got {num_timesteps}")
     if not 0 < t_fraction <= 1:
-        raise ValueError(f"--t-fraction must be in (0, 1], got {t_fraction}")
-    return min(num_steps - 1, max(1, round(t_fraction * (num_steps - 1))))
+        raise InputError(f"--t-fraction must be in (0, 1], got {t_fraction}")
+    return min(num_timesteps - 1, max(1, round(t_fraction * (num_timesteps - 1))))
 
 
 def _check_index(diffusion, t_stop):
-    if not 1 <= t_stop <= diffusion.num_steps - 1:
-        raise ValueError(f"inversion index {t_stop} is outside 1..{diffusion.num_steps - 1}, the latents of a "
-                         f"{diffusion.num_steps}-step chain")
+    if not 1 <= t_stop <= diffusion.num_timesteps - 1:
+        raise InputError(f"inversion index {t_stop} is outside 1..{diffusion.num_timesteps - 1}, the latents of a "
+                         f"{diffusion.num_timesteps}-step chain")
 
 
 def invert(diffusion, model, x0, t_stop):
@@ -76,3 +84,71 @@ def edit(diffusion, model, x0, t_start, cond_fn, generator=None):
     """App. N: invert to t_start, then guided DDIM back to 0 with η_t = t / t_start."""
     z = invert(diffusion, model, x0, t_start)
     return decode(diffusion, model, z, t_start, cond_fn=cond_fn, eta=lambda i: i / t_start, generator=generator)
+
+
+# ---------------------------------------------------------------------------------------------------
+# sample.py --interpolate / --edit
+# ---------------------------------------------------------------------------------------------------
+
+def inversion_inputs(args, data_config, n):
+    """uint8 real images to invert: --images files, else circles from the training borders (a left and a right
+    one for --interpolate, the first n for --edit). args: sample.py's flags. Raises InputError."""
+    if args.images:
+        paths = [Path(p) for p in args.images.split(",")]
+        missing = [str(p) for p in paths if not p.exists()]
+        if missing:
+            raise InputError(f"--images: {', '.join(missing)} not found")
+        if args.interpolate and len(paths) != 2:
+            raise InputError(f"--interpolate takes exactly two --images, got {len(paths)}")
+        return load_images(paths, data_config["image_size"])
+    if data_config["name"] != "circles":
+        raise InputError("--interpolate / --edit need --images A.png,B.png for this run's data")
+    d = data_config
+    images, labels, _ = circles_dataset(d["image_size"], d["radius"], d["delta"], seed=d["seed"])
+    if args.interpolate:
+        return np.stack([images[labels == 0][0], images[labels == 1][0]])
+    return images[:min(n, len(images))]
+
+
+def run_inversion(args, model, diffusion, cond_fn, dc, config, run, out, device):
+    """App. M interpolation strip or App. N edits into `out`, with circle positions measured when the data is
+    circles. diffusion: the respaced chain; dc: the DC prior or None (generate.sampling_model)."""
+    real = inversion_inputs(args, config["data"], args.num_samples or 64)
+    net = sampling_model(model, diffusion, device, args.amp, args.channels_last, dc=dc)
+    t_stop = inversion_index(args.t_fraction, diffusion.num_timesteps)
+    x = to_float(real).to(device)
+    circles = config["data"]["name"] == "circles"
+    report = dict(run=str(run), mode="interpolate" if args.interpolate else "edit", steps=diffusion.num_timesteps,
+                  t_stop=t_stop, t_stop_original=int(diffusion.timestep_map[t_stop]), t_fraction=args.t_fraction,
+                  seed=args.seed)
+    scale = max(1, 128 // real.shape[1])
+    if args.interpolate:
+        paths, alphas = interpolate(diffusion, net, x[0], x[1], t_stop, args.points)
+        rows = {k: to_uint8(v) for k, v in paths.items()}
+        save_grid(np.concatenate([rows["slerp"], rows["lerp"]]), out / "interpolation.png", nrow=args.points,
+                  scale=scale)
+        np.savez_compressed(out / "samples.npz", slerp=rows["slerp"], lerp=rows["lerp"], alphas=alphas)
+        report["alphas"] = [round(float(a), 3) for a in alphas]
+        if circles:
+            for k, imgs in rows.items():
+                report[f"{k}_circle_x"] = [round(float(c[0, 0] / imgs.shape[2]), 3) if n == 1 else None
+                                           for n, c, _ in detect_circles(imgs)]
+                report[f"{k}_in_middle"] = circle_metrics(imgs)["accuracy"]
+    else:
+        gen = torch.Generator().manual_seed(args.seed)
+        edited = to_uint8(edit(diffusion, net, x, t_stop, cond_fn, generator=gen))
+        save_grid(np.concatenate([real[:16], edited[:16]]), out / "edit.png", nrow=min(16, len(real)), scale=scale)
+        np.savez_compressed(out / "samples.npz", images=edited, originals=real)
+        if circles:
+            before, after = detect_circles(real), detect_circles(edited)
+            moved = [abs(a[1][0, 0] - b[1][0, 0]) >= 2 for b, a in zip(before, after) if a[0] == 1 and b[0] == 1]
+            m = circle_metrics(edited)
+            report.update(images=len(real), moved_2px_or_more=float(np.sum(moved) / len(real)),
+                          edited_in_middle=m["accuracy"], originals_in_middle=circle_metrics(real)["accuracy"],
+                          edited_zero_or_multi=m["invalid"])
+            plot_histograms({"originals": circle_metrics(real)["x"], "edited": m["x"]}, out / "histogram_x.png",
+                            "circle centre x / W (single-circle images)")
+    write_report(report, out, f"DDIM {report['mode']} on {run}", device=device, amp=args.amp)
+    print(f"[sample] {report['mode']}: " + ", ".join(f"{k} {v}" for k, v in report.items()
+                                                   if k.endswith(("middle", "2px_or_more", "_x"))), flush=True)
+    return out

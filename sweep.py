@@ -12,11 +12,11 @@ Writes <run>/sweeps/<name>/{sweep.md, sweep.json, sweep.png}; each λ's samples 
 import argparse
 import json
 import shlex
-import sys
 from pathlib import Path
 
 import checkpoint as ckpt_io
 import sample
+from cli import InputError, one_line_errors
 from evaluate import _pyplot
 
 # report keys worth a curve, by family; the KLD / L2 keys carry the sample label as a suffix (sample.py)
@@ -32,9 +32,9 @@ def parse_values(text):
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise ValueError(f"--lambdas takes comma-separated numbers, e.g. 0,10,30; got {text!r}")
+        raise InputError(f"--lambdas takes comma-separated numbers, e.g. 0,10,30; got {text!r}")
     if not values or any(v < 0 or v != v or v == float("inf") for v in values):
-        raise ValueError(f"--lambdas needs finite weights >= 0, e.g. 0,10,30; got {text!r}")
+        raise InputError(f"--lambdas needs finite weights >= 0, e.g. 0,10,30; got {text!r}")
     return values
 
 
@@ -78,18 +78,15 @@ def main(argv=None):
     p.add_argument("--num-samples", type=int, default=None, help="per λ (default: sample.py's)")
     p.add_argument("--quality", action="store_true", help="also FID / precision / recall per λ (Table S2)")
     p.add_argument("--name", default=None, help="folder name under <run>/sweeps")
-    p.add_argument("--sample-args", default="", help="extra sample.py flags, quoted, e.g. '--steps 250 --seed 1'")
+    p.add_argument("--sample-args", default="", help="extra sample.py flags, quoted, e.g. '--sample-steps 250 --seed 1'")
     args = p.parse_args(argv)
     run = Path(args.run)
-    try:
+    with one_line_errors("sweep.py"):
         values = parse_values(args.lambdas)
         path = Path(args.classifier) if args.classifier.endswith(".pt") else run / f"{args.classifier}.pt"
         if not (run / "ddpm.pt").exists():
-            raise ckpt_io.CheckpointError(f"{run}/ddpm.pt not found; train first or pass --run DIR")
+            raise InputError(f"{run}/ddpm.pt not found; train first or pass --run DIR")
         k = ckpt_io.load_classifier(path)[1]["classifier"]["num_classes"] if any(values) else 0
-    except (ValueError, ckpt_io.CheckpointError) as e:
-        print(f"sweep.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
     name = args.name or f"lambdas_{'-'.join(f'{v:g}' for v in values)}"
     common = ["--run", str(run), *shlex.split(args.sample_args)]
     common += ["--num-samples", str(args.num_samples)] if args.num_samples else []

@@ -1,4 +1,4 @@
-"""Attention U-Net of [IDDPM] / [ADM], the ε and v network of every [ZSI] experiment (App. C; EXPERIMENTS.md §2.1).
+"""Attention U-Net of [IDDPM] / [ADM], the ε and v network of every [ZSI] experiment (App. C; docs/paper_notes.md §2.1).
 
   stem conv -> per level: num_res_blocks ResBlocks (+ self-attention at `attention_resolutions`), downsample
   -> middle: ResBlock, attention, ResBlock
@@ -8,14 +8,13 @@
 ResBlocks take the timestep embedding (sinusoid of the *raw* integer t, cos first, then a 2-layer MLP) with
 scale-shift norm, GN(h)(1 + scale) + shift [ADM sec. 3]. GroupNorm(32) always computes in fp32 and attention
 uses PyTorch's fused scaled-dot-product kernel (fp32 softmax accumulation), so the bf16/fp16 autocast of
-`autocast()` below touches only the convolutions and matmuls: the precision islands of improved-diffusion
+`device.autocast()` touches only the convolutions and matmuls: the precision islands of improved-diffusion
 without its hand-rolled fp16 master weights. With `--preset paper` this file builds the paper's
 121,063,942-parameter model (a test checks the count).
 
 The building blocks (ResBlock, AttentionBlock, the encoder half) are shared with the noisy classifier
 in classifier.py.
 """
-import contextlib
 import math
 from dataclasses import dataclass, asdict
 
@@ -257,30 +256,3 @@ class UNet(nn.Module):
 
 def count_parameters(model):
     return sum(p.numel() for p in model.parameters())
-
-
-def cpu_has_fast_bf16():
-    """True where the CPU has native bf16 matrix instructions (AMX or AVX512-BF16). Without them (e.g. an
-    AVX2-only AMD EPYC) bf16 convolutions fall back to a slow path, measured 7-15x slower than fp32."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def amp_default(device):
-    """Autocast on by default where it is faster: always on CUDA, on CPU only with native bf16."""
-    return torch.device(device).type == "cuda" or cpu_has_fast_bf16()
-
-
-def amp_dtype(device):
-    """fp16 on CUDA (with a GradScaler), bf16 on CPU (AMX on Sapphire Rapids makes it ~2x faster)."""
-    return torch.float16 if torch.device(device).type == "cuda" else torch.bfloat16
-
-
-def autocast(device, enabled):
-    """The one mixed-precision context of the codebase; disabled, the float32 reference path."""
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=amp_dtype(device))

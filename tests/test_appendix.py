@@ -35,7 +35,7 @@ def test_edit_runs_ddim_with_eta_t_equal_to_t_over_t_start():
     η_t = t / t_start at respaced index t, noise drawn only where η_t > 0, the guidance at every step."""
     import inversion
     from ddpm import DiffusionConfig
-    chain = DiffusionConfig(num_steps=1000).build().respace(10)
+    chain = DiffusionConfig(diffusion_steps=1000).build().respace(10)
     steps, reverse = [], []
     ddim_sample, ddim_reverse_sample = chain.ddim_sample, chain.ddim_reverse_sample
 
@@ -58,7 +58,7 @@ def test_edit_runs_ddim_with_eta_t_equal_to_t_over_t_start():
 
 
 def test_interpolate_writes_the_strip_and_positions(tiny_run):  # noqa: F811
-    run("sample.py", "--run", tiny_run, "--interpolate", "--points", "3", "--steps", "4", "--name", "interp")
+    run("sample.py", "--run", tiny_run, "--interpolate", "--points", "3", "--sample-steps", "4", "--name", "interp")
     out = tiny_run / "samples" / "interp"
     data = np.load(out / "samples.npz")
     assert data["slerp"].shape == (3, 16, 16, 3) and data["lerp"].shape == (3, 16, 16, 3)
@@ -74,7 +74,7 @@ def test_interpolate_writes_the_strip_and_positions(tiny_run):  # noqa: F811
 
 
 def test_edit_moves_images_with_guidance(tiny_run):  # noqa: F811
-    run("sample.py", "--run", tiny_run, "--edit", "--lambdas", "30,30", "--num-samples", "4", "--steps", "4",
+    run("sample.py", "--run", tiny_run, "--edit", "--lambdas", "30,30", "--num-samples", "4", "--sample-steps", "4",
         "--name", "edit")
     out = tiny_run / "samples" / "edit"
     data = np.load(out / "samples.npz")
@@ -96,7 +96,7 @@ def test_edit_moves_images_with_guidance(tiny_run):  # noqa: F811
 
 
 def test_quality_report(tiny_run):  # noqa: F811
-    run("sample.py", "--run", tiny_run, "--num-samples", "8", "--steps", "2", "--quality", "--name", "q")
+    run("sample.py", "--run", tiny_run, "--num-samples", "8", "--sample-steps", "2", "--quality", "--name", "q")
     out = tiny_run / "samples" / "q"
     report = json.loads((out / "report.json").read_text())
     for space in ("pixels", "classifier"):
@@ -130,15 +130,15 @@ def test_classifier_free_training_and_sampling(tmp_path):
     state = torch.load(out / "ddpm.pt", weights_only=True)
     assert state["config"]["unet"]["num_classes"] == 3                      # left, right, null
     assert state["model"]["label_emb.weight"].shape[0] == 3
-    run("sample.py", "--run", out, "--cfg", "3", "--num-samples", "4", "--steps", "3", "--name", "cfg")
+    run("sample.py", "--run", out, "--cfg-scale", "3", "--num-samples", "4", "--sample-steps", "3", "--name", "cfg")
     report = json.loads((out / "samples" / "cfg" / "report.json").read_text())
     assert report["guidance"] == "cfg3" and report["num_samples"] == 4
-    proc = run("sample.py", "--run", out, "--cfg", "nan", ok=False)
+    proc = run("sample.py", "--run", out, "--cfg-scale", "nan", ok=False)
     assert proc.returncode == 2 and "--cfg" in proc.stderr
 
 
 def test_cfg_needs_a_conditional_run(tiny_run):  # noqa: F811
-    proc = run("sample.py", "--run", tiny_run, "--cfg", "3", ok=False)
+    proc = run("sample.py", "--run", tiny_run, "--cfg-scale", "3", ok=False)
     assert proc.returncode == 2 and "--cfg-dropout" in proc.stderr
 
 
@@ -159,7 +159,7 @@ def test_dit_shapes_zero_init_and_training(tmp_path):
         "--steps", "3", "--what", "ddpm", "--eval-samples", "2")
     state = torch.load(out_dir / "ddpm.pt", weights_only=True)
     assert state["config"]["arch"] == "dit" and "blocks.0.qkv.weight" in state["model"]
-    run("sample.py", "--run", out_dir, "--num-samples", "2", "--steps", "2", "--name", "dit")
+    run("sample.py", "--run", out_dir, "--num-samples", "2", "--sample-steps", "2", "--name", "dit")
 
 
 def test_sizes_dataset_and_size_regression():
@@ -186,7 +186,7 @@ def test_sizes_end_to_end(tmp_path):
     args[args.index("--image-size") + 1] = "32"
     run("train.py", *args, "--out", out, "--steps", "2", "--classifier-steps", "2", "--channel-mult", "1,2",
         "--eval-samples", "0")
-    run("sample.py", "--run", out, "--lambdas", "30,30", "--num-samples", "3", "--steps", "2", "--name", "s")
+    run("sample.py", "--run", out, "--lambdas", "30,30", "--num-samples", "3", "--sample-steps", "2", "--name", "s")
     report = json.loads((out / "samples" / "s" / "report.json").read_text())
     assert 0 <= report["accuracy_middle"] <= 1 and (out / "samples" / "s" / "histogram_size.png").exists()
     assert report["accuracy_middle"] + report["larger_than_training"] + report["zero_or_multi"] <= 1 + 1e-9
@@ -226,7 +226,7 @@ def test_interpolate_decodes_slerp_and_lerp_paths_between_the_two_latents():
     import inversion
 
     class Chain:
-        num_steps = 10
+        num_timesteps = 10
 
         def __init__(self):
             self.calls = []
@@ -275,7 +275,7 @@ def test_edit_passes_its_generator_and_guidance_to_the_decoder():
     import inversion
 
     class Chain:
-        num_steps = 10
+        num_timesteps = 10
         seen = {}
 
         def ddim_reverse_loop(self, model, x, t_stop):
@@ -305,7 +305,7 @@ def test_interpolate_passes_the_model_uses_nine_points_and_accepts_the_first_lat
     import inversion
 
     class Chain:
-        num_steps = 10
+        num_timesteps = 10
 
         def __init__(self):
             self.models = []

@@ -23,7 +23,7 @@ def test_bench_config_gives_one_finite_row_per_mode():
                       attention_resolutions=(8,), num_heads=2)
     clf = ClassifierConfig(image_size=16, model_channels=8, num_res_blocks=1, attention_resolutions=(8,),
                            channel_mult=(1, 2), num_classes=2)
-    rows = bench_config("tiny", unet, clf, batch=2, modes=["fp32", "channels_last"], repeats=1,
+    rows = bench_config("tiny", unet, clf.build, batch=2, modes=["fp32", "channels_last"], repeats=1,
                         device=torch.device("cpu"), warmup_s=0.0)
     assert [r["mode"] for r in rows] == ["fp32", "channels_last"]
     for r in rows:

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from celeba_tree import make_celeba_tree
-from data import DataError, celeba_split, load_images, oversample, read_celeba_attributes
+from cli import InputError
+from data import celeba_split, load_images, oversample, read_celeba_attributes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,7 +77,7 @@ def test_oversample_repeats_a_class():
     images, labels = np.arange(5)[:, None], np.array([0, 1, 0, 1, 1])
     im, lab = oversample(images, labels, "0:2")
     assert (lab == 0).sum() == 4 and (lab == 1).sum() == 3
-    with pytest.raises(DataError, match="--oversample"):
+    with pytest.raises(InputError, match="--oversample"):
         oversample(images, labels, "zero:2")
 
 
@@ -118,9 +119,9 @@ def test_bad_celeba_tree_is_one_line_error_before_work(tree, tmp_path, breakage,
 @pytest.mark.parametrize("size,mult", [(64, (1, 2, 3, 4)), (128, (1, 1, 2, 3, 4))])
 def test_paper_preset_at_64_and_128_px(tree, size, mult):
     """--preset paper --image-size 128: the official 128 px U-Net and classifier layouts (64: the paper's)."""
-    import train
+    import config
     root, _ = tree
-    cfg = train.build_config(train.parse_args(["--data", "celeba", "--data-dir", str(root), "--preset", "paper",
+    cfg = config.build_config(config.parse_args(["--data", "celeba", "--data-dir", str(root), "--preset", "paper",
                                                "--image-size", str(size)]))
     assert cfg["data"]["image_size"] == cfg["unet"]["image_size"] == size
     assert tuple(cfg["unet"]["channel_mult"]) == mult and tuple(cfg["classifier"]["channel_mult"]) == mult

@@ -29,7 +29,7 @@ def recomputed_scores(images, evaluator):
     included), the 100-bin histograms over [min p, max p] (the paper's) and over [0, 1], and from each the KLD
     Σ h ln(100 h) and the L2 norm ||h - 1/100|| to uniform ([ZSI] App. B); and the count of p in
     [0.49, 0.51]."""
-    from checkpoint import load_evaluator
+    from evaluator import load_evaluator
     model, _ = load_evaluator(evaluator)
     with torch.no_grad():
         x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -82,7 +82,7 @@ def test_ddpm_on_the_subset_and_scored_samples(celeba):
         "--oversample", "0:2", "--out", out, *SMALL, *DDPM)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["data"]["subset"] == str(subset) and cfg["data"]["oversample"] == "0:2"
-    run("sample.py", "--run", out, "--lambdas", "30,30", "--num-samples", "6", "--steps", "2", "--name", "g")
+    run("sample.py", "--run", out, "--lambdas", "30,30", "--num-samples", "6", "--sample-steps", "2", "--name", "g")
     report = json.loads((out / "samples" / "g" / "report.json").read_text())
     for key in ("kld_paper_training_data", "mse_paper_classifier30-30", "kld_01_unguided"):
         assert report[key] >= 0, key
@@ -93,7 +93,7 @@ def test_ddpm_on_the_subset_and_scored_samples(celeba):
         assert report[f"{key}_classifier30-30"] == pytest.approx(value, rel=1e-6, abs=1e-9), key
     assert (out / "samples" / "g" / "histogram_p.png").exists()
     # the λ sweep of Sec. 5.3 / Fig. S13: KLD and "MSE" of the evaluator's histogram for each λ
-    run("sweep.py", "--run", out, "--lambdas", "0,10", "--num-samples", "6", "--sample-args", "--steps 2",
+    run("sweep.py", "--run", out, "--lambdas", "0,10", "--num-samples", "6", "--sample-args", "--sample-steps 2",
         "--name", "s")
     rows = json.loads((out / "sweeps" / "s" / "sweep.json").read_text())
     assert [r["lambda"] for r in rows] == [0.0, 10.0]
@@ -113,7 +113,7 @@ def test_two_attributes_four_classes_and_heatmap(celeba, tmp_path):
         *SMALL, *DDPM)
     clf = torch.load(out / "classifier.pt", weights_only=True)
     assert clf["config"]["classifier"]["num_classes"] == 4
-    run("sample.py", "--run", out, "--lambdas", "30,30,30,30", "--num-samples", "6", "--steps", "2", "--name", "g",
+    run("sample.py", "--run", out, "--lambdas", "30,30,30,30", "--num-samples", "6", "--sample-steps", "2", "--name", "g",
         "--evaluator", smile_run / "evaluator_Smiling.pt", "--evaluator", out / "evaluator_Black_Hair_Blond_Hair.pt")
     assert (out / "samples" / "g" / "heatmap_2d.png").exists()
     # the histogram numbers are those of the first evaluator (Smiling) on the written samples

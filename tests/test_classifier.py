@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cpu_preset import MirrorEquivariant
 from classifier import (ClassifierConfig, SpectralNorm, calibrate, converge_spectral_norm,
                         expected_calibration_error, fit_temperature, noisy_classifier_loss, spectral_norm_sigmas)
 from ddpm import DiffusionConfig
@@ -135,7 +136,7 @@ def test_ece_of_perfectly_calibrated_and_overconfident():
 
 def test_noisy_loss_uses_the_chain_and_returns_logits():
     torch.manual_seed(0)
-    d = DiffusionConfig(num_steps=100).build()
+    d = DiffusionConfig(diffusion_steps=100).build()
     seen = {}
 
     def clf(x, t):
@@ -166,7 +167,7 @@ def test_noisy_loss_feeds_q_sample_of_the_given_t_and_noise_with_the_raw_timeste
     """x_t = sqrt(ᾱ_t) x_0 + sqrt(1-ᾱ_t) ε [DDPM eq. 4], ᾱ_t from the cosine closed form [IDDPM eq. 17] at the
     integer index t (the paper's t + 1), and t itself (not rescaled) goes to the classifier."""
     import math
-    d = DiffusionConfig(num_steps=100).build()
+    d = DiffusionConfig(diffusion_steps=100).build()
     x0 = torch.linspace(-1, 1, 24).view(2, 3, 2, 2)
     noise = torch.linspace(0.9, -1.3, 24).view(2, 3, 2, 2)
     t = torch.tensor([3, 50])
@@ -190,7 +191,7 @@ def test_noisy_loss_feeds_q_sample_of_the_given_t_and_noise_with_the_raw_timeste
 def test_training_loss_of_the_classifier_feeds_the_drawn_t_and_noise_through_q_sample():
     """train.classifier_loss: the classifier sees q_sample(x_0, t, ε) for the (t, ε) drawn from the loss generator."""
     import train
-    d = DiffusionConfig(num_steps=100).build()
+    d = DiffusionConfig(diffusion_steps=100).build()
     x0 = torch.linspace(-1, 1, 4 * 3 * 2 * 2).view(4, 3, 2, 2)
     seen = {}
 
@@ -204,23 +205,6 @@ def test_training_loss_of_the_classifier_feeds_the_drawn_t_and_noise_through_q_s
     a = torch.from_numpy(d.alphas_cumprod)[t].view(-1, 1, 1, 1)
     torch.testing.assert_close(seen["x"].double(), a.sqrt() * x0.double() + (1 - a).sqrt() * noise.double(),
                                rtol=1e-5, atol=1e-6)
-
-
-def test_mirror_equivariant_head_swaps_the_classes_of_a_flipped_image():
-    torch.manual_seed(0)
-    model = ClassifierConfig(**SMALL, mirror_equivariant=True).build().eval()
-    x, t = torch.randn(4, 3, 16, 16), torch.tensor([0, 10, 2000, 3999])
-    with torch.no_grad():
-        logits, flipped = model(x, t), model(x.flip(-1), t)
-        symmetric = model(x + x.flip(-1), t).softmax(-1)
-    torch.testing.assert_close(flipped, logits.flip(-1), atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(logits[:, 0], logits[:, 1])
-    torch.testing.assert_close(symmetric, torch.full_like(symmetric, 0.5))
-    plain = ClassifierConfig(**SMALL).build().eval()
-    with torch.no_grad():
-        assert not torch.allclose(plain(x.flip(-1), t), plain(x, t).flip(-1), atol=1e-4)
-    with pytest.raises(ValueError, match="swaps 2 classes"):
-        ClassifierConfig(**dict(SMALL, num_classes=4), mirror_equivariant=True).build()
 
 
 def test_ece_by_hand_with_a_confidence_on_a_bin_edge():
@@ -248,7 +232,7 @@ def test_calibrate_reports_the_nll_before_and_after_scaling():
 
 
 def test_noisy_loss_draws_every_timestep_from_zero_to_t_minus_one():
-    d = DiffusionConfig(num_steps=4).build()
+    d = DiffusionConfig(diffusion_steps=4).build()
     seen = {}
 
     def clf(x, t):
@@ -295,7 +279,7 @@ def test_eval_net_is_the_compact_resnet_it_describes():
     """EvalNet against a by-hand forward of its own weights: stem conv 3x3 + GN + SiLU; stage i a BasicBlock of
     width·2^i channels, stride 1 then 2 (1x1 strided projection when the shape changes, identity otherwise);
     global mean; dropout + linear head; / temperature. Random weights in place of the zero/one GroupNorm defaults."""
-    from classifier import EvalConfig
+    from evaluator import EvalConfig
     torch.manual_seed(0)
     net = EvalConfig(in_channels=2, width=8, stages=3, num_classes=3).build()
     with torch.no_grad():
@@ -382,11 +366,12 @@ def test_logits_are_divided_by_the_stored_temperature_and_sn_config_reaches_ever
     torch.manual_seed(0)
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 700])
     for mirror in (False, True):
-        model = ClassifierConfig(**SMALL, mirror_equivariant=mirror).build().eval()
+        model = ClassifierConfig(**SMALL).build().eval()
+        wrapped = MirrorEquivariant(model) if mirror else model
         with torch.no_grad():
-            before = model(x, t)
+            before = wrapped(x, t)
             model.temperature.fill_(2.0)
-            torch.testing.assert_close(model(x, t), before / 2)
+            torch.testing.assert_close(wrapped(x, t), before / 2)
     model = ClassifierConfig(**SMALL, spectral_norm=True, lipschitz=1.0, n_power_iterations=5).build()
     assert {(p.lipschitz, p.n_power_iterations) for m in model.modules() if parametrize.is_parametrized(m, "weight")
             for p in m.parametrizations.weight} == {(1.0, 5)}

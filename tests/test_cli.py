@@ -37,7 +37,7 @@ def test_training_writes_the_run_folder(tiny_run):
                  "train_examples.png", "classifier.pt", "classifier.json", "classifier_heatmap.png"):
         assert (tiny_run / name).exists(), name
     cfg = json.loads((tiny_run / "config.json").read_text())
-    assert cfg["unet"]["image_size"] == 16 and cfg["diffusion"]["num_steps"] == 4000
+    assert cfg["unet"]["image_size"] == 16 and cfg["diffusion"]["diffusion_steps"] == 4000
     assert cfg["guide_t_min"] == 1500           # the cpu preset guides at t >= 3T/8 only
     state = torch.load(tiny_run / "ddpm.pt", weights_only=True)
     assert state["step"] == 6 and {"model", "ema", "opt", "scaler", "rng", "config"} <= set(state)
@@ -69,7 +69,7 @@ def test_resume_is_equivalent_to_an_uninterrupted_run(tmp_path):
 
 def test_guided_sampling_writes_samples_and_report(tiny_run):
     run("sample.py", "--run", tiny_run, "--lambdas", "30,30", "--num-samples", "6", "--batch-size", "4",
-        "--steps", "4")
+        "--sample-steps", "4")
     out = tiny_run / "samples" / "classifier30-30_steps4_n6_seed0"
     data = np.load(out / "samples.npz")
     assert data["images"].shape == (6, 16, 16, 3) and data["images"].dtype == np.uint8
@@ -88,7 +88,7 @@ def test_guided_sampling_writes_samples_and_report(tiny_run):
 
 
 def test_heatmaps_of_the_guidance_and_main_classifiers_unless_all(tmp_path):
-    from sample import heatmap_classifiers
+    from evaluate import heatmap_classifiers
     for stem in ("ddpm", "classifier", "classifier_sn", "plain_seed1", "plain_seed2"):
         (tmp_path / f"{stem}.pt").touch()
     guide = [("plain_seed2", tmp_path / "plain_seed2.pt")]
@@ -98,7 +98,7 @@ def test_heatmaps_of_the_guidance_and_main_classifiers_unless_all(tmp_path):
 
 
 def test_guidance_at_the_mean_is_its_own_run(tiny_run):
-    args = ("--run", tiny_run, "--lambdas", "30,30", "--num-samples", "3", "--steps", "3")
+    args = ("--run", tiny_run, "--lambdas", "30,30", "--num-samples", "3", "--sample-steps", "3")
     run("sample.py", *args, "--guide-at", "mean")
     out = tiny_run / "samples" / "classifier30-30_steps3_atmean_n3_seed0"
     assert json.loads((out / "report.json").read_text())["guide_at"] == "mean"
@@ -108,7 +108,7 @@ def test_guidance_at_the_mean_is_its_own_run(tiny_run):
 
 
 def test_guidance_interval_is_the_runs_unless_given(tiny_run):
-    args = ("--run", tiny_run, "--lambdas", "30,30", "--num-samples", "2", "--steps", "2")
+    args = ("--run", tiny_run, "--lambdas", "30,30", "--num-samples", "2", "--sample-steps", "2")
     run("sample.py", *args, "--guide-t-min", "0")
     out = tiny_run / "samples" / "classifier30-30_steps2_from0_n2_seed0"
     assert json.loads((out / "report.json").read_text())["guide_t_min"] == 0
@@ -126,7 +126,7 @@ def test_edits_and_old_runs_guide_every_step_unless_told():
 
 
 def test_same_seed_same_samples_and_new_folder_each_run(tiny_run):
-    args = ("--run", tiny_run, "--num-samples", "3", "--steps", "3", "--name", "det")
+    args = ("--run", tiny_run, "--num-samples", "3", "--sample-steps", "3", "--name", "det")
     run("sample.py", *args)
     run("sample.py", *args)
     a = np.load(tiny_run / "samples" / "det" / "samples.npz")["images"]
@@ -141,7 +141,7 @@ def test_same_seed_same_samples_and_new_folder_each_run(tiny_run):
     (["--lambdas", "30,,30"], "--lambdas"),
     (["--lambdas", "nan,30"], "--lambdas"),
     (["--classifier", "nosuch", "--lambdas", "30,30"], "no checkpoint"),
-    (["--steps", "0"], "--steps"),
+    (["--sample-steps", "0"], "--sample-steps"),
     (["--lambdas", "30,30", "--ddim", "--guide-at", "mean"], "--guide-at"),
     (["--guide-at", "mean"], "--guide-at"),
     (["--lambdas", "30,30", "--guide-t-min", "-1"], "--guide-t-min"),
@@ -205,9 +205,9 @@ def test_train_refuses_to_overwrite_without_resume(tiny_run):
 
 def test_inversion_to_the_whole_chain_reaches_the_last_kept_timestep(tiny_run):
     """--t-fraction 1 on a 4-step chain: respaced index 3 = K-1, original t = T-1 = 3999 (not index 4 = K)."""
-    run("sample.py", "--run", tiny_run, "--interpolate", "--t-fraction", "1", "--steps", "4", "--points", "2",
+    run("sample.py", "--run", tiny_run, "--interpolate", "--t-fraction", "1", "--sample-steps", "4", "--points", "2",
         "--name", "interp_full")
-    run("sample.py", "--run", tiny_run, "--edit", "--lambdas", "0,30", "--t-fraction", "1", "--steps", "4",
+    run("sample.py", "--run", tiny_run, "--edit", "--lambdas", "0,30", "--t-fraction", "1", "--sample-steps", "4",
         "--num-samples", "2", "--name", "edit_full")
     for name in ("interp_full", "edit_full"):
         report = json.loads((tiny_run / "samples" / name / "report.json").read_text())
@@ -217,15 +217,15 @@ def test_inversion_to_the_whole_chain_reaches_the_last_kept_timestep(tiny_run):
 @pytest.mark.parametrize("ddim", [False, True])
 def test_one_sampling_step_goes_from_pure_noise_to_images(tiny_run, ddim):
     name = f"one_step_{ddim}"
-    run("sample.py", "--run", tiny_run, "--steps", "1", "--num-samples", "2", "--name", name, *(["--ddim"] * ddim))
+    run("sample.py", "--run", tiny_run, "--sample-steps", "1", "--num-samples", "2", "--name", name, *(["--ddim"] * ddim))
     out = tiny_run / "samples" / name
     assert np.load(out / "samples.npz")["images"].shape == (2, 16, 16, 3)
     assert json.loads((out / "report.json").read_text())["steps"] == 1
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--interpolate", "--steps", "1"], "--steps 2 or more"),
-    (["--edit", "--lambdas", "0,30", "--steps", "1"], "--steps 2 or more"),
+    (["--interpolate", "--sample-steps", "1"], "--sample-steps 2 or more"),
+    (["--edit", "--lambdas", "0,30", "--sample-steps", "1"], "--sample-steps 2 or more"),
     (["--interpolate", "--t-fraction", "0"], "--t-fraction"),
     (["--edit", "--lambdas", "0,30", "--t-fraction", "1.01"], "--t-fraction"),
 ])
@@ -239,18 +239,20 @@ def leftovers(run_dir):
     return sorted(p.name for p in run_dir.iterdir() if ".partial" in p.name)
 
 
-@pytest.mark.parametrize("mode", [[], ["--interpolate", "--points", "2", "--steps", "2"]])
+@pytest.mark.parametrize("mode", [[], ["--interpolate", "--points", "2", "--sample-steps", "2"]])
 def test_failed_sampling_leaves_no_folder_and_overwrite_replaces_whole(tiny_run, monkeypatch, mode):
     """Any failure after sampling started (here: the report cannot be written) leaves neither an empty nor a
     half-written sample folder; --overwrite swaps the old folder for the new one only once it is complete."""
+    import inversion
     import sample
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    args = ["--run", str(tiny_run), "--num-samples", "2", "--steps", "2", *mode]
+    args = ["--run", str(tiny_run), "--num-samples", "2", "--sample-steps", "2", *mode]
     with monkeypatch.context() as m:
         m.setattr(sample, "write_report", broken)
+        m.setattr(inversion, "write_report", broken)
         with pytest.raises(OSError, match="disk full"):
             sample.main([*args, "--name", "broken"])
     assert not (tiny_run / "samples" / "broken").exists() and leftovers(tiny_run) == []
@@ -261,6 +263,7 @@ def test_failed_sampling_leaves_no_folder_and_overwrite_replaces_whole(tiny_run,
     (old / "stale.txt").write_text("from an earlier run")
     with monkeypatch.context() as m:
         m.setattr(sample, "write_report", broken)
+        m.setattr(inversion, "write_report", broken)
         with pytest.raises(OSError):
             sample.main([*args, "--name", name, "--overwrite"])
     assert sorted(p.name for p in old.iterdir()) == ["stale.txt"]        # a failed overwrite keeps the old folder
@@ -336,7 +339,7 @@ def test_repeat_over_seeds_writes_mean_and_std(tiny_run, tmp_path):
     run_dir = tmp_path / "rep"
     shutil.copytree(tiny_run, run_dir)
     run("repeat.py", "--run", run_dir, "--seeds", "2", "--num-samples", "2", "--tag", "_t",
-        "--train-args=--classifier-steps 2 --classifier-width 8", "--sample-args=--steps 2")
+        "--train-args=--classifier-steps 2 --classifier-width 8", "--sample-args=--sample-steps 2")
     summary = json.loads((run_dir / "repeats_t.json").read_text())
     assert set(summary) == {"unguided", "plain_t", "sn_t"}
     assert summary["plain_t"]["runs"] == 2 and summary["sn_t"]["runs"] == 2
@@ -356,7 +359,7 @@ def test_repeat_over_seeds_writes_mean_and_std(tiny_run, tmp_path):
     reference = run_dir / "samples" / "repeat_unguided" / "samples.npz"
     stamp = reference.stat().st_mtime_ns
     run("repeat.py", "--run", run_dir, "--seeds", "1", "--first-seed", "3", "--variants", "plain", "--num-samples", "2",
-        "--tag", "_t", "--train-args=--classifier-steps 2 --classifier-width 8", "--sample-args=--steps 2",
+        "--tag", "_t", "--train-args=--classifier-steps 2 --classifier-width 8", "--sample-args=--sample-steps 2",
         "--reuse-unguided")
     again = json.loads((run_dir / "repeats_t.json").read_text())
     assert again["unguided"] == summary["unguided"] and again["plain_t"]["per_seed"][0]["seed"] == 3
@@ -385,7 +388,7 @@ def test_fixed_variance_run_trains_on_l_simple_and_samples(tmp_path, variance, s
 
 def test_lambda_sweep_collects_each_report_and_plots(tiny_run):
     proc = run("sweep.py", "--run", tiny_run, "--lambdas", "0,30", "--num-samples", "3", "--name", "t",
-               "--sample-args", "--steps 2")
+               "--sample-args", "--sample-steps 2")
     rows = json.loads((tiny_run / "sweeps" / "t" / "sweep.json").read_text())
     assert [r["lambda"] for r in rows] == [0.0, 30.0]
     for r in rows:
@@ -401,45 +404,11 @@ def test_sweep_bad_lambdas_is_one_line_exit_2(tiny_run, lambdas):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--lambdas" in proc.stderr
 
 
-def test_diagnose_probes_classifier_prior_and_mean(tiny_run):
-    proc = run("diagnose.py", "--run", tiny_run, "--samples", "3")
-    report = json.loads((tiny_run / "diagnose.json").read_text())
-    assert len(report["centres_x"]) == 16 - 4            # every centre of the full-range 16 px circles
-    for row in report["classifier_p_right"].values():
-        assert len(row) == len(report["centres_x"]) and all(0 <= p <= 1 for p in row)
-    assert {r["image"] for r in report["prior"]} == {"two circles (left + right border)", "one circle in the middle"}
-    assert all(sum(r["counts"]) == 3 for r in report["prior"])
-    traj = report["trajectory"]["rows"]
-    assert traj[-1]["t"] == 0 and all(sum(r["counts"]) == 3 for r in traj) and report["trajectory"]["lambdas"] == [30, 30]
-    first = report["eps_mean"][0]                         # t = 0.99 T: sqrt(1 - ᾱ) / sqrt(ᾱ) >> 1
-    assert first["x0_error_std"] > 5 * first["eps_mean_error_std"] > 0
-    dim = report["dim_disc"]
-    assert dim["levels"][0] == 1.0 and all(len(r) == len(dim["levels"]) and all(0 <= p <= 1 for p in r)
-                                           for r in dim["p_right"].values())
-    assert "## 2. DDPM prior" in proc.stdout and "## 5. Classifier p(right)" in proc.stdout
-    assert (tiny_run / "diagnose.md").exists()
-
-
-def test_dim_profile_follows_the_discs_intensity():
-    from diagnose import dim_profile
-    from ddpm import DiffusionConfig
-    bright = lambda x, t: torch.stack([torch.zeros(len(x)), 50 * (x.mean((1, 2, 3)) + 1)], 1)  # p(right) ↑ brightness
-    levels, out = dim_profile(bright, DiffusionConfig().build(), 16, 2, [0], levels=(1.0, 0.5, 0.0))
-    assert levels == [1.0, 0.5, 0.0] and out[0][0] > out[0][1] > out[0][2]
-    assert abs(out[0][2] - 0.5) < 0.05                    # a = 0: a black image, logits ≈ (0, 0)
-
-
-def test_diagnose_bad_input_is_one_line_exit_2(tiny_run, tmp_path):
-    for args in (["--run", tmp_path / "none"], ["--run", tiny_run, "--lambdas", "30"]):
-        proc = run("diagnose.py", *args, ok=False)
-        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "diagnose.py: error" in proc.stderr
-
-
 def test_cpu_preset_circles_run_uses_dc_correction_and_mirror_head_and_both_can_be_turned_off(tiny_run, tmp_path):
     cfg = json.loads((tiny_run / "config.json").read_text())
     assert cfg["dc_correction"] is True and len(cfg["dc_prior"]["mean"]) == 3 and max(cfg["dc_prior"]["var"]) < 1e-12
     assert json.loads((tiny_run / "classifier.json").read_text())["classifier"]["mirror_equivariant"] is True
-    args = ("--run", tiny_run, "--lambdas", "30,30", "--num-samples", "2", "--steps", "3")
+    args = ("--run", tiny_run, "--lambdas", "30,30", "--num-samples", "2", "--sample-steps", "3")
     run("sample.py", *args, "--name", "dc_on")
     on = json.loads((tiny_run / "samples" / "dc_on" / "report.json").read_text())
     run("sample.py", *args)   # the default folder name has no tag; turning it off adds one

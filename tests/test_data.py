@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from data import (Batches, DataError, circle_positions, circles_dataset, load_image_folder, load_images, read_rgb,
+from cli import InputError
+from data import (Batches, circle_positions, circles_dataset, load_image_folder, load_images, read_rgb,
                   render_circles, to_float, to_uint8)
 
 
@@ -48,10 +49,10 @@ def test_image_folder_round_trip(tmp_path):
     order = sorted(range(4), key=lambda i: f"{i % 2}_{i}.png")
     assert classes == ["0", "1"] and labels.tolist() == [0, 0, 1, 1]
     assert np.array_equal(images, imgs[order])
-    with pytest.raises(DataError, match="does not exist"):
+    with pytest.raises(InputError, match="does not exist"):
         load_image_folder(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="no .png"):
+    with pytest.raises(InputError, match="no .png"):
         load_image_folder(tmp_path / "empty")
 
 
@@ -71,7 +72,7 @@ def test_mirror_batches_swap_labels_consistently():
 
 
 def test_batch_size_zero_is_refused():
-    with pytest.raises(DataError, match="batch size"):
+    with pytest.raises(InputError, match="batch size"):
         Batches(np.zeros((2, 4, 4, 3), np.uint8), np.zeros(2), 0)
 
 
@@ -86,7 +87,7 @@ def test_intensity_augmentation_dims_discs_keeps_background_and_labels():
     assert scale.min() >= 0.2 - 1e-6 and scale.max() <= 1 + 1e-6 and scale.std() > 0.1
     assert torch.allclose(xd, scale.view(-1, 1, 1, 1) * (x + 1) - 1, atol=1e-6)
     assert torch.equal(next(Batches(images, labels, 256, seed=3, intensity=1.0))[0], x)   # 1 = off, same stream
-    with pytest.raises(DataError, match="intensity"):
+    with pytest.raises(InputError, match="intensity"):
         Batches(images, labels, 4, intensity=1.5)
 
 
@@ -257,10 +258,10 @@ def test_integer_and_float_modes_scale_like_16_bit_and_unit_range(tmp_path):
 
 def test_unreadable_image_is_a_one_line_error(tmp_path):
     (tmp_path / "0_0.png").write_bytes(b"not a png")
-    with pytest.raises(DataError, match=r"cannot read image .*0_0\.png.*8-bit RGB PNG") as err:
+    with pytest.raises(InputError, match=r"cannot read image .*0_0\.png.*8-bit RGB PNG") as err:
         load_image_folder(tmp_path)
     assert "\n" not in str(err.value)
-    with pytest.raises(DataError, match="cannot read image"):
+    with pytest.raises(InputError, match="cannot read image"):
         load_images([tmp_path / "missing.jpg"], 8)
 
 
@@ -282,10 +283,10 @@ def test_celeba_labels_of_one_two_and_pair_attributes():
     assert labels.tolist() == [1, 0, 2, 3] and mask.tolist() == [False, True, True, False]
     labels, mask = celeba_labels(values, names, ["A/B", "B/C"])   # both pairs must differ
     assert labels.tolist() == [0, 1, 2, 3] and mask.tolist() == [False, True, False, False]
-    with pytest.raises(DataError, match=r"--attr A,Z: give one or two CelebA attributes .* of A, B, C"):
+    with pytest.raises(InputError, match=r"--attr A,Z: give one or two CelebA attributes .* of A, B, C"):
         celeba_labels(values, names, ["A", "Z"])
     for bad in (["A", "B", "C"], [], ["A/B/C"]):
-        with pytest.raises(DataError, match="--attr takes one or two attributes"):
+        with pytest.raises(InputError, match="--attr takes one or two attributes"):
             celeba_labels(values, names, bad)
 
 
@@ -295,10 +296,10 @@ def test_read_index_file_parses_integers_and_names_what_is_wrong(tmp_path):
     f.write_text("3\n0\n 5\n")
     idx = read_index_file(f)
     assert idx.tolist() == [3, 0, 5] and idx.dtype == np.int64
-    with pytest.raises(DataError, match="does not exist"):
+    with pytest.raises(InputError, match="does not exist"):
         read_index_file(tmp_path / "missing.txt")
     f.write_text("3\nx\n")
-    with pytest.raises(DataError, match="malformed"):
+    with pytest.raises(InputError, match="malformed"):
         read_index_file(f)
 
 
@@ -313,14 +314,14 @@ def test_oversample_repeats_in_place_and_checks_its_spec():
     assert oversample(images, labels, None)[0] is images
     im, lab = oversample(images, labels, "1:1")
     assert im.tolist() == images.tolist()
-    with pytest.raises(DataError, match="factors must be integers >= 1"):
+    with pytest.raises(InputError, match="factors must be integers >= 1"):
         oversample(images, labels, "0:0")
-    with pytest.raises(DataError, match="CLASS:FACTOR"):
+    with pytest.raises(InputError, match="CLASS:FACTOR"):
         oversample(images, labels, "0:2:1")
 
 
 def test_float_conversions_and_channel_mean_stats_by_hand():
-    from data import channel_mean_stats
+    from cpu_preset import channel_mean_stats
     u8 = np.array([[[[0, 255, 51], [255, 102, 0]]]], dtype=np.uint8)      # [1, 1, 2, 3]
     x = to_float(u8)
     assert x.shape == (1, 3, 1, 2) and x.dtype == torch.float32
@@ -350,7 +351,7 @@ def test_sizes_dataset_small_by_hand():
     other = sizes_dataset(12, 2, 4, 0.34, seed=1)
     assert np.array_equal(again[0], images) and not np.array_equal(other[2], radii)
     assert sorted(set(sizes_dataset(12, 2, 4, 0.0)[2].tolist())) == [2, 4]       # at least one radius per side
-    with pytest.raises(DataError, match="too small"):
+    with pytest.raises(InputError, match="too small"):
         sizes_dataset(8, 2, 4)
 
 
@@ -373,7 +374,7 @@ def test_batches_draw_with_the_generator_and_shard():
     assert y.tolist() == labels[idx.numpy()].tolist() and mirrored.any() and not mirrored.all()
     assert ((x == plain).all((1, 2, 3)) | mirrored).all()
     Batches(images, labels, 1, intensity=0.0)
-    with pytest.raises(DataError, match="intensity"):
+    with pytest.raises(InputError, match="intensity"):
         Batches(images, labels, 1, intensity=-0.1)
 
 

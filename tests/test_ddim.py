@@ -14,7 +14,7 @@ EPS, V = 0.3, 0.2          # the fake network's constant ε̂ and variance outpu
 @pytest.fixture(scope="module")
 def chain():
     """A 10-step respacing of T = 1000: kept indices 0, 111, ..., 999."""
-    return DiffusionConfig(num_steps=1000).build().respace(10)
+    return DiffusionConfig(diffusion_steps=1000).build().respace(10)
 
 
 def fake_model(x, t):

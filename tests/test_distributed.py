@@ -41,7 +41,7 @@ def test_global_batch_must_split_evenly(tmp_path):
 
 def test_sampling_sharded_over_two_processes_gives_the_same_samples(tiny_run):  # noqa: F811
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
-    common = ["--run-dir", str(tiny_run), "--lambdas", "30,30", "--num-samples", "5", "--batch-size", "2", "--steps", "3",
+    common = ["--run-dir", str(tiny_run), "--lambdas", "30,30", "--num-samples", "5", "--batch-size", "2", "--sample-steps", "3",
               "--device", "cpu"]
     one = subprocess.run([sys.executable, str(ROOT / "sample.py"), *common, "--name", "one"], capture_output=True,
                          text=True, cwd=ROOT, timeout=300, env=env)
@@ -58,11 +58,11 @@ def test_sampling_sharded_over_two_processes_gives_the_same_samples(tiny_run):  
 def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
     # Seen on a 1-GPU machine: a 2-process torchrun put rank 1 on cuda:1, which does not exist.
     import pytest
-    import train
-    from data import DataError
+    import device
+    from cli import InputError
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    with pytest.raises(DataError, match="--nproc_per_node 1, or --device cpu"):
-        train.setup_distributed(torch.device("cuda"))
+    with pytest.raises(InputError, match="--nproc_per_node 1, or --device cpu"):
+        device.setup_distributed(torch.device("cuda"))

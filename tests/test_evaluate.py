@@ -1,4 +1,4 @@
-"""evaluate.py: the circle detector on rendered circles and the histogram sanity values of EXPERIMENTS.md §5.3."""
+"""evaluate.py: the circle detector on rendered circles and the histogram sanity values of docs/paper_notes.md §5.3."""
 import math
 
 import numpy as np
@@ -133,16 +133,16 @@ def test_classifier_heatmap_shows_p_right_with_rows_y_and_columns_x():
 
 def test_sample_heatmaps_plot_p_right_of_each_classifier(tmp_path, monkeypatch):
     """sample.py's figure (titled p(right)) gets p(class 1) of the run's classifier on the full grid."""
-    import sample
+    import evaluate
     from data import circles_dataset
     (tmp_path / "classifier.pt").touch()
-    monkeypatch.setattr(sample.ckpt_io, "load_classifier", lambda path, device: (RightwardClassifier(), {}))
+    monkeypatch.setattr(evaluate.ckpt_io, "load_classifier", lambda path, device: (RightwardClassifier(), {}))
     drawn = {}
-    monkeypatch.setattr(sample, "plot_heatmaps", lambda maps, coords, path, size: drawn.update(maps=maps, coords=coords))
-    monkeypatch.setattr(sample, "plot_histograms", lambda *a, **k: None)
-    config = {"data": dict(image_size=16, radius=2, delta=0.2, seed=42)}
+    monkeypatch.setattr(evaluate, "plot_heatmaps", lambda maps, coords, path, size: drawn.update(maps=maps, coords=coords))
+    monkeypatch.setattr(evaluate, "plot_histograms", lambda *a, **k: None)
+    data_config = dict(image_size=16, radius=2, delta=0.2, seed=42)
     samples = circles_dataset(16)[0][:4]
-    sample.circles_pictures(samples, np.array([0.1, 0.9]), "guided", config, tmp_path, tmp_path, [], "cpu")
+    evaluate.circles_pictures(samples, np.array([0.1, 0.9]), "guided", data_config, tmp_path, tmp_path, [], "cpu")
     assert list(drawn["maps"]) == ["classifier"] and drawn["coords"].tolist() == list(range(2, 14))
     np.testing.assert_allclose(drawn["maps"]["classifier"], expected_right_map(16, 2), rtol=1e-5, atol=1e-6)
 

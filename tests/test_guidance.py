@@ -4,7 +4,8 @@ import torch
 
 from classifier import ClassifierConfig
 from ddpm import DiffusionConfig
-from guidance import above_timestep, classifier_free, multi_guidance, parse_lambdas
+from cli import parse_lambdas
+from guidance import classifier_free, multi_guidance
 
 
 class Counting(torch.nn.Module):
@@ -60,29 +61,10 @@ def test_all_zero_weights_mean_unguided():
 @pytest.mark.parametrize("k", [2, 4])
 def test_one_forward_and_one_backward_per_step_whatever_the_classes(k):
     clf = Counting(small_classifier(k, 3))
-    d = DiffusionConfig(num_steps=1000).build().respace(10)
+    d = DiffusionConfig(diffusion_steps=1000).build().respace(10)
     model = lambda x, t: torch.zeros(x.shape[0], 6, *x.shape[2:])
     d.p_sample_loop(model, (2, 3, 16, 16), cond_fn=multi_guidance([clf], [[30.0] * k]))
     assert clf.forwards == 10 and clf.backwards == 10
-
-
-def test_above_timestep_keeps_the_gradient_at_and_above_t_min_only():
-    c = small_classifier(2, 5)
-    x, t = torch.randn(4, 3, 16, 16), torch.tensor([0, 499, 500, 3999])
-    full = multi_guidance([c], [[30.0, 30.0]])
-    g = above_timestep(full, 500)(x, t)
-    torch.testing.assert_close(g[2:], full(x, t)[2:])
-    assert torch.equal(g[:2], torch.zeros_like(g[:2]))
-    assert above_timestep(full, 0) is full and above_timestep(None, 500) is None
-
-
-def test_above_timestep_skips_the_classifier_below_t_min():
-    clf = Counting(small_classifier(2, 6))
-    d = DiffusionConfig(num_steps=1000).build().respace(10)
-    model = lambda x, t: torch.zeros(x.shape[0], 6, *x.shape[2:])
-    d.p_sample_loop(model, (2, 3, 16, 16), cond_fn=above_timestep(multi_guidance([clf], [[30.0, 30.0]]), 500))
-    guided = int((d.timestep_map >= 500).sum())
-    assert 0 < guided < 10 and clf.forwards == guided and clf.backwards == guided
 
 
 def test_guidance_runs_in_float32_under_autocast():
@@ -127,7 +109,7 @@ def test_classifier_free_guides_eps_only_and_keeps_the_variance_in_range():
     out = guided(x, t)
     torch.testing.assert_close(out[:, :3], torch.full_like(x, 0.8))
     torch.testing.assert_close(out[:, 3:], torch.full_like(x, 0.9))
-    diffusion = DiffusionConfig(num_steps=40).build()
+    diffusion = DiffusionConfig(diffusion_steps=40).build()
     var = diffusion.p_mean_variance(guided, x, t)["variance"]
     lo = torch.tensor(diffusion.posterior_variance[[10, 30]], dtype=torch.float32).view(-1, 1, 1, 1)
     hi = torch.tensor(diffusion.betas[[10, 30]], dtype=torch.float32).view(-1, 1, 1, 1)
@@ -165,21 +147,3 @@ def test_guidance_gradient_is_exact_float32_under_a_bfloat16_autocast():
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
 
 
-def test_above_timestep_by_hand_with_a_constant_gradient():
-    """Rows with t >= t_min keep the gradient (t = t_min included), the others get 0; t_min = 1 already limits
-    (only t_min <= 0 is the unlimited paper setting); a batch entirely below t_min never calls cond_fn."""
-    calls = []
-
-    def ones(x, t):
-        calls.append(t.tolist())
-        return torch.ones_like(x)
-
-    x = torch.zeros(3, 1, 1, 2)
-    got = above_timestep(ones, 1)(x, torch.tensor([0, 1, 7]))
-    assert got[:, 0, 0, 0].tolist() == [0.0, 1.0, 1.0] and calls == [[0, 1, 7]]
-    got = above_timestep(ones, 7)(x, torch.tensor([7, 6, 8]))
-    assert got[:, 0, 0, 0].tolist() == [1.0, 0.0, 1.0]
-    calls.clear()
-    got = above_timestep(ones, 7)(x, torch.tensor([0, 6, 3]))
-    assert calls == [] and got.dtype == torch.float32 and torch.equal(got, torch.zeros_like(x))
-    assert above_timestep(ones, -1) is ones

@@ -77,7 +77,7 @@ def small_run(tmp_path_factory):
     (["--eta", "-1", "--ddim"], "--eta"),
     (["--eta", "nan", "--ddim"], "--eta"),
     (["--lambdas", "30,inf"], "--lambdas"),
-    (["--steps", "-3"], "--steps"),
+    (["--sample-steps", "-3"], "--sample-steps"),
 ])
 def test_sample_bad_numbers_are_one_line_errors(small_run, args, message):
     out = small_run

@@ -3,11 +3,12 @@ import pytest
 import torch
 
 from classifier import ClassifierConfig
-from unet import UNetConfig, autocast, count_parameters
+from device import autocast
+from unet import UNetConfig, count_parameters
 
 
 def test_paper_unet_has_the_official_parameter_count():
-    assert count_parameters(UNetConfig().build()) == 121_063_942        # EXPERIMENTS.md §2.1
+    assert count_parameters(UNetConfig().build()) == 121_063_942        # docs/paper_notes.md §2.1
 
 
 @pytest.mark.parametrize("width,attn,count", [(128, (32, 16, 8), 41_287_016), (64, (8,), 10_043_816)])

@@ -1,10 +1,10 @@
-"""filtering.py: App. D's top-k keeps the k most extreme examples per side, on hand-made scores."""
+"""evaluator.py: App. D's top-k keeps the k most extreme examples per side, on hand-made scores."""
 import numpy as np
 import pytest
 import torch
 
-import filtering
-from filtering import top_k_extremes
+import evaluator
+from evaluator import top_k_extremes
 
 #            index:  0     1     2     3     4     5     6     7
 P1 = np.array([0.10, 0.90, 0.30, 0.05, 0.60, 0.99, 0.40, 0.70])
@@ -34,8 +34,8 @@ def test_extreme_filter_keeps_agreeing_examples_then_the_k_most_extreme_per_side
     labels = np.array([0, 1, 0, 0, 1, 1, 0, 1, 1, 0])
     # 8 (value 30, label 1) and 9 (value 140, label 0) disagree with the brightness classifier: dropped
     images = np.broadcast_to(values[:, None, None, None], (10, 2, 2, 3)).astype(np.uint8)
-    monkeypatch.setattr(filtering, "train_clean_classifier", lambda *a, **k: (Brightness(), {}))
-    out = filtering.extreme_filter(images, labels, images, labels, Brightness(), sizes=[4, 6], tau1=0.5, tau2=0.5,
+    monkeypatch.setattr(evaluator, "train_clean_classifier", lambda *a, **k: (Brightness(), {}))
+    out = evaluator.extreme_filter(images, labels, images, labels, Brightness(), sizes=[4, 6], tau1=0.5, tau2=0.5,
                                    members=2, log=lambda *a: None)
     assert out["counts"]["stage1_tau1"] == 8 and out["counts"]["stage2_ensemble_tau2"] == 8
     assert out["stage2"].tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
@@ -58,16 +58,16 @@ def test_top_k_breaks_ties_by_position():
 
 def test_confident_agreement_needs_a_probability_strictly_above_tau():
     probs = torch.tensor([[0.5, 0.5], [0.2, 0.8], [0.7, 0.3], [0.4, 0.6]])
-    assert filtering.confident_agreement(probs, np.array([0, 1, 1, 0]), 0.5).tolist() == [False, True, False, False]
+    assert evaluator.confident_agreement(probs, np.array([0, 1, 1, 0]), 0.5).tolist() == [False, True, False, False]
 
 
 def test_predict_probs_is_the_softmax_of_the_model_on_the_float_images():
     values = np.array([0, 100, 255, 30, 200])
     images = np.broadcast_to(values[:, None, None, None], (5, 2, 2, 3)).astype(np.uint8)
-    probs = filtering.predict_probs(Brightness(), images)                  # default batch and device
+    probs = evaluator.predict_probs(Brightness(), images)                  # default batch and device
     s = 10 * (values / 127.5 - 1)
     np.testing.assert_allclose(probs.numpy(), np.stack([1 / (1 + np.exp(s)), 1 / (1 + np.exp(-s))], 1), rtol=1e-5)
-    np.testing.assert_allclose(filtering.predict_probs(Brightness(), images, batch_size=2).numpy(), probs.numpy())
+    np.testing.assert_allclose(evaluator.predict_probs(Brightness(), images, batch_size=2).numpy(), probs.numpy())
 
 
 @pytest.mark.parametrize("mirror", [False, True])
@@ -88,15 +88,15 @@ def test_extreme_filter_passes_its_data_seeds_and_device_and_caps_k_at_the_small
         calls.append((imgs, labs, v_imgs, v_labs, kwargs))
         return Brightness(), {}
 
-    real_predict = filtering.predict_probs
+    real_predict = evaluator.predict_probs
 
     def recording_predict(model, imgs, **kwargs):
         devices.append(kwargs.get("device"))
         return real_predict(model, imgs)
 
-    monkeypatch.setattr(filtering, "train_clean_classifier", fake_train)
-    monkeypatch.setattr(filtering, "predict_probs", recording_predict)
-    out = filtering.extreme_filter(images, labels, val_images, val_labels, Brightness(), sizes=[2, 10, 4],
+    monkeypatch.setattr(evaluator, "train_clean_classifier", fake_train)
+    monkeypatch.setattr(evaluator, "predict_probs", recording_predict)
+    out = evaluator.extreme_filter(images, labels, val_images, val_labels, Brightness(), sizes=[2, 10, 4],
                                    device="dev0", log=logged.append, steps=7)
     stage1 = np.array([0, 1, 2, 3, 5, 6, 7])
     folds = np.array_split(np.random.default_rng(0).permutation(stage1), 5)
@@ -125,18 +125,18 @@ def test_train_clean_classifier_keeps_the_best_validation_step_and_train_evaluat
     val_labels = np.array([1, 0, 0, 1, 1, 0])
     val_images = images[[1, 0, 2, 3, 5, 4]]
     logged = []
-    model, report = filtering.train_clean_classifier(images, labels, val_images, val_labels, steps=5, batch_size=4,
+    model, report = evaluator.train_clean_classifier(images, labels, val_images, val_labels, steps=5, batch_size=4,
                                                      width=4, eval_every=2, log=logged.append)
     assert not model.training and len(logged) == 3                      # steps 2, 4 and the last, 5
     assert [line.split()[2] for line in logged] == ["2/5", "4/5", "5/5"]
     assert report["step"] in (2, 4, 5) and set(report) == {"val_accuracy", "step"}
     with torch.no_grad():
-        pred = model(filtering.to_float(val_images)).argmax(1).numpy()
+        pred = model(evaluator.to_float(val_images)).argmax(1).numpy()
     assert report["val_accuracy"] == pytest.approx((pred == val_labels).mean())
     accs = [float(line.split("val acc ")[1].split()[0]) for line in logged]
     assert report["val_accuracy"] == pytest.approx(max(accs), abs=1e-4)
     assert report["step"] == [2, 4, 5][accs.index(max(accs))]           # the first step reaching the best
-    model, report = filtering.train_evaluator(images, labels, val_images, val_labels, steps=2, batch_size=4,
+    model, report = evaluator.train_evaluator(images, labels, val_images, val_labels, steps=2, batch_size=4,
                                               width=4, log=lambda *a: None)
     assert {"val_accuracy", "step", "temperature", "ece_before", "ece_after", "nll_before", "nll_after"} <= set(report)
     assert model.temperature.item() == pytest.approx(report["temperature"]) and report["step"] == 2
@@ -159,15 +159,15 @@ def test_extreme_filter_needs_every_ensemble_member_to_agree(monkeypatch):
     values, labels = np.array([0, 255, 180, 20]), np.array([0, 1, 1, 0])
     images = np.broadcast_to(values[:, None, None, None], (4, 2, 2, 3)).astype(np.uint8)
     models = iter([Brightness(), Shifted(0.5), Brightness()])
-    monkeypatch.setattr(filtering, "train_clean_classifier", lambda *a, **k: (next(models), {}))
-    out = filtering.extreme_filter(images, labels, images, labels, Brightness(), sizes=[2], tau1=0.5, tau2=0.5,
+    monkeypatch.setattr(evaluator, "train_clean_classifier", lambda *a, **k: (next(models), {}))
+    out = evaluator.extreme_filter(images, labels, images, labels, Brightness(), sizes=[2], tau1=0.5, tau2=0.5,
                                    members=2, log=lambda *a: None)
     assert out["counts"]["stage1_tau1"] == 4 and out["stage2"].tolist() == [0, 1, 3]
 
 
 def counting_batches(made, draws):
-    """filtering.Batches that records its constructor arguments (after images, labels) and every batch drawn."""
-    class Counting(filtering.Batches):
+    """evaluator.Batches that records its constructor arguments (after images, labels) and every batch drawn."""
+    class Counting(evaluator.Batches):
         def __init__(self, *args, **kwargs):
             made.append((args[2:], kwargs))
             super().__init__(*args, **kwargs)
@@ -182,17 +182,17 @@ def counting_batches(made, draws):
 def test_train_clean_classifier_draws_flipped_batches_once_per_step_and_sizes_its_head(monkeypatch):
     """Three classes -> a 3-way head of the given width; one flipped, seeded minibatch per step (steps 1..steps)."""
     made, draws = [], []
-    monkeypatch.setattr(filtering, "Batches", counting_batches(made, draws))
+    monkeypatch.setattr(evaluator, "Batches", counting_batches(made, draws))
     labels = np.array([0, 1, 2, 0, 1, 2])
     images = np.random.default_rng(0).integers(0, 256, (6, 4, 4, 3)).astype(np.uint8)
     logged = []
-    model, report = filtering.train_clean_classifier(images, labels, images, labels, steps=3, batch_size=2, width=4,
+    model, report = evaluator.train_clean_classifier(images, labels, images, labels, steps=3, batch_size=2, width=4,
                                                      seed=7, eval_every=5, log=logged.append)
     assert made == [((2,), dict(flip=True, seed=7))] and len(draws) == 3
     assert model.head[1].out_features == 3 and model.trunk[0].out_channels == 4
     assert len(logged) == 1 and logged[0].startswith("[evaluator] step 3/3 loss ")
     assert logged[0].endswith(f"val acc {report['val_accuracy']:.4f} (best {report['val_accuracy']:.4f} at 3)")
-    binary = filtering.train_clean_classifier(images[:2], labels[:2] * 0, images[:2], labels[:2] * 0, steps=1,
+    binary = evaluator.train_clean_classifier(images[:2], labels[:2] * 0, images[:2], labels[:2] * 0, steps=1,
                                               batch_size=2, width=4, log=lambda *a: None)[0]
     assert binary.head[1].out_features == 2                        # at least 2 classes, even if one is seen
 
@@ -224,13 +224,13 @@ def test_train_clean_classifier_defaults_batch_64_and_adamw_1e3(monkeypatch):
             opts.append(kwargs)
             super().__init__(params, **kwargs)
 
-    monkeypatch.setattr(filtering, "Batches", Counting)
-    monkeypatch.setattr(filtering, "EvalConfig", Config)
+    monkeypatch.setattr(evaluator, "Batches", Counting)
+    monkeypatch.setattr(evaluator, "EvalConfig", Config)
     monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
     images = np.random.default_rng(0).integers(0, 256, (8, 2, 2, 3)).astype(np.uint8)
     labels = np.array([0, 1] * 4)
     logged = []
-    model, _ = filtering.train_clean_classifier(images, labels, images, labels, steps=3, width=5, seed=2,
+    model, _ = evaluator.train_clean_classifier(images, labels, images, labels, steps=3, width=5, seed=2,
                                                 log=logged.append)
     assert made == [((64,), dict(flip=True, seed=2))] and len(draws) == 3 and model.width == 5
     assert opts == [dict(lr=1e-3, weight_decay=1e-4)]

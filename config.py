@@ -1,0 +1,300 @@
+"""A training run's configuration: the paper's preset, train.py's flags, and the config dict saved with every
+checkpoint (so sample.py needs only the run folder).
+
+Presets: `paper` = the paper's hyperparameters (docs/paper_notes.md §2.2 DDPM, §3 classifier, §10 circles;
+[ZSI] App. C) for GPUs; `cpu` = cpu_preset.PRESET, minutes on a 2-core laptop CPU. A flag overrides its preset
+value. `check_run` checks every combination of flags before any data is read or anything is written.
+"""
+import argparse
+import copy
+from dataclasses import asdict
+
+import torch
+
+import checkpoint as ckpt_io
+import cpu_preset
+from classifier import ClassifierConfig, default_channel_mult
+from cli import InputError, parse_ints
+from data import CELEBA_LAYOUT
+from ddpm import DiffusionConfig
+from dit import DiTConfig
+from unet import UNetConfig
+
+PAPER = dict(
+    image_size=64,
+    unet=dict(),              # UNetConfig defaults = the paper's 121M model
+    steps=250_000, batch_size=64, lr=1e-4, ema=0.9999, lr_decay=0.0,
+    clf=dict(model_channels=128, num_res_blocks=2, attention_resolutions=(32, 16, 8)),
+    clf_steps=150_000, clf_batch_size=64, clf_lr=3e-4,
+    eval_steps=100_000, eval_width=64,
+    sample_steps=250,
+    dc_correction=False, mirror_equivariant=False,   # none of the CPU preset's additions
+    guide_t_min_fraction=0.0)  # every step guided, as in the paper
+PAPER_CIRCLES = dict(steps=30_000, clf=dict(model_channels=64, num_res_blocks=2, attention_resolutions=(8,)),
+                     clf_steps=3_000, sample_steps=64)
+PRESETS = {"cpu": cpu_preset.PRESET, "paper": PAPER}
+TRAIN_DESCRIPTION = "Train the DDPM and the noisy guidance classifier(s) of [ZSI]; one run folder holds everything."
+
+
+def parse_args(argv=None):
+    """train.py's flags; every default None is filled from the preset by build_config."""
+    p = argparse.ArgumentParser(prog="train.py", description=TRAIN_DESCRIPTION,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("run")
+    g.add_argument("--data", default="circles",
+                   help="dataset: circles | sizes (App. K: disc radius is the factor) | celeba (standard release layout) | folder (PNG/JPEG files {label}_{k}.png)")
+    g.add_argument("--data-dir", default=None, help="CelebA root or image folder")
+    g.add_argument("--attr", default="Smiling", help="celeba: one attribute, or two (a,b) for 4 classes (App. F)")
+    g.add_argument("--subset", default=None, help="celeba: index file, one train-split position per line")
+    g.add_argument("--oversample", default=None, help="repeat classes CLASS:FACTOR, e.g. 0:2 (Young experiment)")
+    g.add_argument("--preset", choices=PRESETS, default="cpu", help="cpu: minutes on a laptop; paper: [ZSI] values")
+    g.add_argument("--what", choices=("all", "ddpm", "classifier", "evaluator", "filter"), default="all",
+                   help="what to train: DDPM and/or guidance classifier; celeba also: the clean evaluation classifier "
+                        "(evaluator_<attr>.pt) or the extreme-subset filter of App. D (subset_<attr>_<size>.txt)")
+    g.add_argument("--out", default=None, help="run folder (default runs/<data>)")
+    g.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    g.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds checkpoints")
+    g.add_argument("--seed", type=int, default=0, help="seed of initialisation, batches and noise")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
+                   help="train the classifier in a second process during the DDPM's first steps, the threads "
+                        "split between the two (default: on for --what all on a CPU with 2+ threads)")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="mixed precision: fp16 + GradScaler on CUDA, bf16 autocast on CPU (default: on for CUDA "
+                        "and for CPUs with AMX/AVX512-BF16, off otherwise: bf16 is slow without them)")
+    g = p.add_argument_group("data")
+    g.add_argument("--image-size", type=int, default=None, help="image side (default: preset)")
+    g.add_argument("--radius", type=int, default=2, help="circles: disc radius in pixels")
+    g.add_argument("--delta", type=float, default=0.2, help="circles: training support x/W in [0,δ] ∪ [1-δ,1]")
+    g.add_argument("--data-seed", type=int, default=42, help="circles: shuffling seed (official: 42)")
+    g = p.add_argument_group("DDPM")
+    g.add_argument("--steps", type=int, default=None, help="optimizer steps (default: preset)")
+    g.add_argument("--batch-size", type=int, default=None, help="global batch size, split across torchrun processes (default: preset)")
+    g.add_argument("--lr", type=float, default=None, help="AdamW learning rate, no weight decay")
+    g.add_argument("--ema", type=float, default=None, help="EMA rate of the sampled weights")
+    g.add_argument("--lr-decay", type=float, default=None,
+                   help="fraction of the steps at the end over which the lr decays linearly to 0 (0 = constant, "
+                        "the paper; default: preset)")
+    g.add_argument("--diffusion-steps", type=int, default=4000, help="T of the cosine chain")
+    g.add_argument("--arch", choices=("unet", "dit"), default="unet",
+                   help="denoiser: the paper's attention U-Net, or a diffusion transformer (App. J)")
+    g.add_argument("--dit-hidden", type=int, default=128, help="--arch dit: token width")
+    g.add_argument("--dit-depth", type=int, default=4, help="--arch dit: transformer blocks")
+    g.add_argument("--dit-patch", type=int, default=2, help="--arch dit: patch size")
+    g.add_argument("--dit-heads", type=int, default=4, help="--arch dit: attention heads")
+    g.add_argument("--cfg-dropout", type=float, default=0.0,
+                   help="> 0: class-conditional U-Net for classifier-free guidance (App. J); the label is replaced "
+                        "by the null label with this probability")
+    g.add_argument("--variance", choices=("learned", "large", "small"), default="learned",
+                   help="Σ_θ: learned range + L_hybrid [IDDPM] (paper), or fixed β_t (large) / β̃_t (small) with "
+                        "L_simple only [DDPM]")
+    g.add_argument("--vb-scale", type=float, default=1.0,
+                   help="weight of L_t in L_hybrid: 1 = official configs, T/1000 = paper text's λ=0.001")
+    g.add_argument("--model-channels", type=int, default=None, help="U-Net base width (default: preset)")
+    g.add_argument("--channel-mult", default=None, help="U-Net width multipliers per level, e.g. 1,2,2")
+    g.add_argument("--num-res-blocks", type=int, default=None, help="U-Net residual blocks per level")
+    g.add_argument("--attention-resolutions", default=None, help="feature-map sizes with attention, e.g. 16,8")
+    g.add_argument("--sample-steps", type=int, default=None,
+                   help="respaced steps for sampling, in 1..--diffusion-steps (default: preset)")
+    g.add_argument("--dc-correction", action=argparse.BooleanOptionalAction, default=None,
+                   help="sample with ε̂'s per-image channel means replaced by their closed-form posterior mean "
+                        "(cpu_preset.dc_corrected; not in the paper; default: on for the cpu preset)")
+    g.add_argument("--guide-t-min", type=int, default=None,
+                   help="sample.py guides only at timesteps t >= this (cpu_preset.guidance_window; not in the paper; "
+                        "default: 3T/8 = 1500 for the cpu preset, 0 = every step for paper)")
+    g.add_argument("--eval-samples", type=int, default=256, help="unguided EMA samples drawn after training")
+    g = p.add_argument_group("classifier")
+    g.add_argument("--classifier-name", default=None, help="file stem in the run (default classifier / classifier_sn)")
+    g.add_argument("--classifier-steps", type=int, default=None, help="optimizer steps (default: preset)")
+    g.add_argument("--classifier-batch-size", type=int, default=None, help="batch size (default: preset)")
+    g.add_argument("--classifier-lr", type=float, default=None, help="AdamW learning rate")
+    g.add_argument("--classifier-width", type=int, default=None, help="base width (default: preset)")
+    g.add_argument("--classifier-pool", choices=("attention", "adaptive"), default=None,
+                   help="head: attention pooling (paper) or global average pooling (default: preset)")
+    g.add_argument("--spectral-norm", action="store_true", help="spectral normalisation of conv/linear weights")
+    g.add_argument("--mirror-equivariant", action=argparse.BooleanOptionalAction, default=None,
+                   help="two classes that swap under a horizontal flip (circles): logits(flip x) = swapped "
+                        "logits(x) by construction; not in the paper (default: on for circles with the cpu preset)")
+    g.add_argument("--lipschitz", type=float, default=0.5, help="per-layer Lipschitz factor with --spectral-norm")
+    g.add_argument("--classifier-augment", choices=("none", "flip", "mirror"), default=None,
+                   help="none (official for circles, the default there); flip (h-flip, the default for CelebA and "
+                        "folders); mirror (h-flip and swap labels 0/1)")
+    g.add_argument("--classifier-intensity", type=float, default=1.0,
+                   help="train the classifier on images dimmed towards black by a factor ~ U(A, 1) (circles: a dim "
+                        "disc keeps its side's label; not in the paper); 1 = off")
+    g = p.add_argument_group("evaluation classifier and extreme-subset filter (celeba, App. D)")
+    g.add_argument("--eval-steps", type=int, default=None, help="training steps of each clean classifier")
+    g.add_argument("--eval-width", type=int, default=None, help="base width of the clean classifier (ResNet)")
+    g.add_argument("--train-size", default="60000,30000,10000,5000",
+                   help="subset sizes to write (k = size/2 per side, nested)")
+    g.add_argument("--tau1", type=float, default=0.95, help="stage-1 confidence threshold")
+    g.add_argument("--tau2", type=float, default=0.9999, help="ensemble confidence threshold")
+    g.add_argument("--members", type=int, default=5, help="ensemble size")
+    g = p.add_argument_group("logging")
+    g.add_argument("--log-every", type=int, default=100, help="progress line every N steps")
+    g.add_argument("--ckpt-every", type=int, default=500, help="checkpoint every N steps")
+    return p.parse_args(argv)
+
+
+def preset_of(args):
+    """The preset's values for this run (the paper's circles settings for `--preset paper --data circles`)."""
+    preset = copy.deepcopy(PRESETS[args.preset])
+    if args.preset == "paper" and args.data == "circles":
+        preset.update(PAPER_CIRCLES)
+    return preset
+
+
+def build_config(args):
+    """The DDPM run config (data, diffusion, unet, train, sampling) from preset + flags."""
+    preset = preset_of(args)
+    image_size = args.image_size or preset["image_size"]
+    if args.data == "circles":
+        data = dict(name="circles", image_size=image_size, radius=args.radius, delta=args.delta, seed=args.data_seed)
+    elif args.data == "sizes":
+        data = dict(name="sizes", image_size=image_size, r_min=2, r_max=min(11, image_size // 2 - 2),
+                    delta=args.delta, seed=args.data_seed)
+    elif args.data == "celeba":
+        if not args.data_dir:
+            raise InputError(f"--data celeba needs --data-dir ROOT with {CELEBA_LAYOUT}")
+        data = dict(name="celeba", image_size=image_size, path=str(args.data_dir), attrs=args.attr.split(","),
+                    subset=args.subset, oversample=args.oversample, split="train")
+    elif args.data == "folder":
+        if not args.data_dir:
+            raise InputError("--data folder needs --data-dir DIR with PNG/JPEG files named {label}_{k}.png")
+        data = dict(name="folder", image_size=image_size, path=str(args.data_dir))
+    else:
+        raise InputError(f"--data {args.data!r} is not a dataset; choose circles, sizes, celeba or folder")
+    unet = dict(preset["unet"], image_size=image_size)
+    unet.setdefault("channel_mult", default_channel_mult(image_size))   # official per-size choice (64: 1,2,3,4)
+    if args.model_channels:
+        unet["model_channels"] = args.model_channels
+    if args.channel_mult:
+        unet["channel_mult"] = parse_ints(args.channel_mult, "--channel-mult", float)
+    if args.num_res_blocks:
+        unet["num_res_blocks"] = args.num_res_blocks
+    if args.attention_resolutions:
+        unet["attention_resolutions"] = parse_ints(args.attention_resolutions, "--attention-resolutions")
+    learned = args.variance == "learned"
+    unet["out_channels"] = 6 if learned else 3
+    unet_config = UNetConfig(**unet)
+    clf = dict(preset["clf"], image_size=image_size, channel_mult=preset["clf"].get(
+        "channel_mult", default_channel_mult(image_size)))
+    if args.classifier_width:
+        clf["model_channels"] = args.classifier_width
+    if args.classifier_pool:
+        clf["pool"] = args.classifier_pool
+    mirror = args.mirror_equivariant
+    if mirror is None:  # the cpu preset's circles classifier (cpu_preset.MirrorEquivariant)
+        mirror = preset["mirror_equivariant"] and args.data == "circles"
+    classifier = asdict(ClassifierConfig(**clf, spectral_norm=args.spectral_norm, lipschitz=args.lipschitz))
+    classifier["mirror_equivariant"] = mirror
+    return dict(
+        data=data,
+        diffusion=asdict(DiffusionConfig(diffusion_steps=args.diffusion_steps, vb_scale=args.vb_scale,
+                                         learn_sigma=learned, sigma_small=args.variance == "small")),
+        unet=asdict(unet_config),
+        arch=args.arch,
+        **({"dit": asdict(DiTConfig(image_size=image_size, patch_size=args.dit_patch, hidden_size=args.dit_hidden,
+                                    depth=args.dit_depth, num_heads=args.dit_heads,
+                                    learn_sigma=learned))} if args.arch == "dit" else {}),
+        train=dict(steps=args.steps or preset["steps"], batch_size=args.batch_size or preset["batch_size"],
+                   lr=args.lr or preset["lr"], ema=args.ema or preset["ema"], amp=args.amp, seed=args.seed,
+                   lr_decay=preset["lr_decay"] if args.lr_decay is None else args.lr_decay,
+                   cfg_dropout=args.cfg_dropout,
+                   flip=True, preset=args.preset),
+        sample_steps=preset["sample_steps"] if args.sample_steps is None else args.sample_steps,
+        dc_correction=preset["dc_correction"] if args.dc_correction is None else args.dc_correction,
+        guide_t_min=(round(preset["guide_t_min_fraction"] * args.diffusion_steps) if args.guide_t_min is None
+                     else args.guide_t_min),
+        classifier=classifier,
+        classifier_train=dict(steps=args.classifier_steps or preset["clf_steps"],
+                              batch_size=args.classifier_batch_size or preset["clf_batch_size"],
+                              lr=args.classifier_lr or preset["clf_lr"], seed=args.seed,
+                              augment=args.classifier_augment or ("none" if args.data in ("circles", "sizes") else "flip"),
+                              intensity=args.classifier_intensity),
+    )
+
+
+def check_run(args, config, device, world, what, out, name):
+    """Every constraint between the flags (and the preset defaults they combine with), in one place, checked
+    before any data is read or anything is written: a bad combination is one InputError line and exit 2, never
+    a crash after training. `config` is build_config's (with a saved run's data and chain when adding a
+    classifier); `what` the models to train; `out` the run folder; `name` the classifier's file stem.
+    """
+    T = config["diffusion"]["diffusion_steps"]
+    if args.resume and args.overwrite:
+        raise InputError("--resume continues the run's checkpoints and --overwrite starts afresh: pass one of them")
+    if args.what in ("evaluator", "filter") and config["data"]["name"] != "celeba":
+        raise InputError(f"--what {args.what} needs --data celeba (train/valid splits and attributes)")
+    if args.overlap and args.what != "all":
+        raise InputError(f"--overlap trains the classifier beside the DDPM, and --what {args.what} trains one "
+                        f"model: use --what all or drop --overlap")
+    if args.overlap and (device.type != "cpu" or world > 1):
+        raise InputError("--overlap runs on the CPU in one process; drop it for GPUs and torchrun")
+    if T < 1:
+        raise InputError(f"--diffusion-steps must be a positive integer, got {T}")
+    positive = [("--steps", args.steps), ("--batch-size", args.batch_size),
+                ("--classifier-steps", args.classifier_steps), ("--classifier-batch-size", args.classifier_batch_size),
+                ("--log-every", args.log_every), ("--ckpt-every", args.ckpt_every), ("--eval-steps", args.eval_steps),
+                ("--eval-width", args.eval_width), ("--members", args.members), ("--image-size", args.image_size),
+                ("--radius", args.radius)]
+    for name, value in positive:
+        if value is not None and value < 1:
+            raise InputError(f"{name} must be a positive integer, got {value}")
+    for name, value in (("--lr", args.lr), ("--classifier-lr", args.classifier_lr), ("--lipschitz", args.lipschitz)):
+        if value is not None and not 0 < value < float("inf"):
+            raise InputError(f"{name} must be a positive number, got {value}")
+    if args.ema is not None and not 0 < args.ema < 1:
+        raise InputError(f"--ema is the EMA rate, in (0, 1), got {args.ema}")
+    if not 0 <= args.vb_scale < float("inf"):
+        raise InputError(f"--vb-scale is the weight of L_t, a number >= 0, got {args.vb_scale}")
+    if args.eval_samples < 0:
+        raise InputError(f"--eval-samples must be >= 0 (0 = no samples after training), got {args.eval_samples}")
+    if not 0 <= args.cfg_dropout < 1:
+        raise InputError(f"--cfg-dropout must be in [0, 1), got {args.cfg_dropout}")
+    if args.lr_decay is not None and not 0 <= args.lr_decay <= 1:
+        raise InputError(f"--lr-decay is the fraction of the steps with a decaying lr, in [0, 1]; got {args.lr_decay}")
+    if not 0 <= args.classifier_intensity <= 1:
+        raise InputError(f"--classifier-intensity is the smallest dimming factor, in [0, 1] (1 = off); "
+                        f"got {args.classifier_intensity}")
+    if config["data"]["name"] in ("circles", "sizes") and not 0 < args.delta <= 0.5:
+        raise InputError(f"--delta is the width of each training border, in (0, 0.5]; got {args.delta}")
+    if not 0 <= config["guide_t_min"] <= T:
+        raise InputError(f"--guide-t-min is a timestep in [0, {T}] (0 = guide every step); got {config['guide_t_min']}")
+    if "ddpm" in what and not 1 <= config["sample_steps"] <= T:
+        given = "--sample-steps" if args.sample_steps is not None else f"the {args.preset} preset's --sample-steps"
+        raise InputError(f"{given} {config['sample_steps']} must be in 1..{T} (--diffusion-steps {T}): pass "
+                        f"--sample-steps between 1 and {T}, or more --diffusion-steps")
+    if args.what == "filter":
+        sizes = parse_ints(args.train_size, "--train-size")
+        if min(sizes) < 2:
+            raise InputError(f"--train-size takes subset sizes >= 2 (k = size/2 per side), got {args.train_size}")
+        for name, tau in (("--tau1", args.tau1), ("--tau2", args.tau2)):
+            if not 0 < tau < 1:
+                raise InputError(f"{name} is a confidence threshold, in (0, 1); got {tau}")
+    for flag, b in (("--batch-size", config["train"]["batch_size"]),
+                    ("--classifier-batch-size", config["classifier_train"]["batch_size"])):
+        if b % world:
+            raise InputError(f"{flag} {b} (the global batch) is not divisible by the {world} processes")
+    image_size = config["data"]["image_size"]
+    nets = [("U-Net", config["unet"]["channel_mult"] if config.get("arch", "unet") == "unet" else None),
+            ("classifier", config["classifier"]["channel_mult"])]
+    for net, mult in nets:
+        if mult is not None and image_size % 2 ** (len(mult) - 1):
+            raise InputError(f"--image-size {image_size} is not divisible by {2 ** (len(mult) - 1)}, the total "
+                            f"downsampling of the {net} (channel_mult {tuple(mult)}); pick a multiple of it")
+    # The rest (attention heads vs widths, DiT patch and heads): build both networks without memory.
+    structure = dict(config, classifier=dict(config["classifier"], spectral_norm=False))  # SN's init needs values
+    for net, build in (("denoiser", lambda: ckpt_io.build_ddpm(structure)),
+                       ("classifier", lambda: ckpt_io.build_classifier(structure))):
+        if net == "denoiser" and "ddpm" not in what or net == "classifier" and "classifier" not in what:
+            continue
+        try:
+            with torch.device("meta"):
+                build()
+        except (ValueError, AssertionError) as e:
+            raise InputError(f"the {net} cannot be built from these flags: {e}") from None
+    for kind, path in (("ddpm", out / "ddpm.pt"), ("classifier", out / f"{name}.pt")):
+        if kind in what and path.exists() and not (args.resume or args.overwrite):
+            raise InputError(f"{path} exists; pass --resume to continue it or --overwrite to start afresh "
+                             f"(or --out NEW_DIR)")
