@@ -13,7 +13,9 @@ import json
 import os
 import pickle
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -26,23 +28,52 @@ from dit import DiTConfig
 from unet import UNetConfig
 
 
+@contextlib.contextmanager
+def signals_deferred():
+    """Hold SIGINT / SIGTERM until the block ends: Ctrl-C or a scheduler's SIGTERM during a checkpoint write reaches
+    its handler right after the file is complete and renamed (train.py then saves and exits as usual), instead of
+    breaking the zip writer halfway. Python handlers run in the main thread, so the block swaps in a recorder there
+    (blocking the signal would not do: torch's worker threads would still take it). Elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in old:
+        signal.signal(s, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        if caught:
+            handler = old[caught[0]]
+            if callable(handler):
+                handler(caught[0], None)           # e.g. train.py's: raise KeyboardInterrupt
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), caught[0])    # the default action, now that the file is whole
+
+
 def save_atomic(obj, path):
-    """torch.save to path.tmp, fsync, then rename over path (atomic on POSIX)."""
+    """torch.save to path.tmp, fsync, then rename over path (atomic on POSIX), with signals deferred meanwhile."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with signals_deferred():
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
 
 def write_json(obj, path):
+    """JSON to path.tmp, then rename over path, with signals deferred meanwhile."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    with signals_deferred():
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        os.replace(tmp, path)
 
 
 @contextlib.contextmanager

@@ -327,6 +327,14 @@ def write_report(report, folder, title, stem="report", device="cpu", amp=False):
     (folder / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 
+def host_line(host):
+    """One line for people from a report's "host" (device.host_info)."""
+    if not host:
+        return "not recorded"
+    where = host.get("gpu") or f"{host.get('cpu')} [{' '.join(host.get('cpu_flags', []))}], {host.get('threads')} threads"
+    return f"{where}, AMP {host.get('amp')}, torch {host.get('torch')}"
+
+
 # ---------------------------------------------------------------------------------------------------
 # Reports of a run: circles pictures, sample quality
 # ---------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import numpy as np
 
 import sample
 import train
+from evaluate import host_line
 
 VARIANTS = {"plain": [], "sn": ["--spectral-norm"],
             "no-mirror": ["--no-mirror-equivariant"]}   # the paper's head (the cpu circles preset is mirror-equivariant)
@@ -90,7 +91,9 @@ def write_tables(run, results, args):
                      + ", ".join(f"{100 * r['accuracy_middle']:.1f} / {100 * r['zero_circles']:.1f} / "
                                  f"{100 * r['multi_circles']:.1f}" for r in rows) + " |")
     lines += ["", "std: sample standard deviation over runs (ddof=1). Paper (10 runs, 64px): 78% ± 8.7 "
-              "(plain), 75% ± 13.3 (spectral norm), 4.25% ± 2.45 with 0 or 2 circles."]
+              "(plain), 75% ± 13.3 (spectral norm), 4.25% ± 2.45 with 0 or 2 circles. Classifier seeds: the "
+              "per-seed column in order; sampling seed and host: each run's report.json.", "",
+              f"Host: {host_line(next(iter(results.values()))[0].get('host'))}."]
     (run / f"repeats{args.tag}.md").write_text("\n".join(lines) + "\n")
     (run / f"repeats{args.tag}.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
     print("\n".join(lines), flush=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 import checkpoint as ckpt_io
 import sample
 from cli import InputError, one_line_errors
-from evaluate import _pyplot
+from evaluate import _pyplot, host_line
 
 # report keys worth a curve, by family; the KLD / L2 keys carry the sample label as a suffix (sample.py)
 FAMILIES = {
@@ -91,21 +91,24 @@ def main(argv=None):
     common = ["--run", str(run), *shlex.split(args.sample_args)]
     common += ["--num-samples", str(args.num_samples)] if args.num_samples else []
     common += ["--quality"] if args.quality else []
-    rows = []
+    rows, host = [], None
     for lam in values:
         guide = ["--classifier", args.classifier, "--lambdas", ",".join([f"{lam:g}"] * k)] if lam > 0 else []
         out = sample.main([*common, *guide, "--name", f"sweep_{name}_lambda{lam:g}", "--overwrite"])
-        rows.append({"lambda": lam, **row_of(json.loads((out / "report.json").read_text())), "folder": str(out)})
+        report = json.loads((out / "report.json").read_text())
+        host = report.get("host")
+        rows.append({"lambda": lam, **row_of(report), "seed": report.get("seed"), "folder": str(out)})
     folder = run / "sweeps" / name
     folder.mkdir(parents=True, exist_ok=True)
     plot(rows, folder / "sweep.png")
-    (folder / "sweep.json").write_text(json.dumps(rows, indent=2) + "\n")
-    keys = [k for k in rows[0] if k not in ("lambda", "folder")]
+    (folder / "sweep.json").write_text(json.dumps(dict(rows=rows, host=host), indent=2) + "\n")
+    keys = [k for k in rows[0] if k not in ("lambda", "seed", "folder")]
     lines = [f"# λ sweep of {run}", "", "| λ | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     lines += [f"| {r['lambda']:g} | " + " | ".join(f"{r[k]:.4f}" if k in r else "" for k in keys) + " |"
               for r in rows]
     lines += ["", "kld/mse_paper: bins over the sample's [min, max] (the paper's code; its \"MSE\" is an L2 norm); "
-              "kld_01/l2_01: bins on [0, 1]. ![sweep](sweep.png)"]
+              "kld_01/l2_01: bins on [0, 1]. ![sweep](sweep.png)", "",
+              f"Host: {host_line(host)}; sampling seed {rows[0]['seed']}."]
     (folder / "sweep.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
     print(f"done: {folder}", flush=True)

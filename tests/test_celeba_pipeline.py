@@ -95,7 +95,7 @@ def test_ddpm_on_the_subset_and_scored_samples(celeba):
     # the λ sweep of Sec. 5.3 / Fig. S13: KLD and "MSE" of the evaluator's histogram for each λ
     run("sweep.py", "--run", out, "--lambdas", "0,10", "--num-samples", "6", "--sample-args", "--sample-steps 2",
         "--name", "s")
-    rows = json.loads((out / "sweeps" / "s" / "sweep.json").read_text())
+    rows = json.loads((out / "sweeps" / "s" / "sweep.json").read_text())["rows"]
     assert [r["lambda"] for r in rows] == [0.0, 10.0]
     guided = json.loads((out / "samples" / "sweep_s_lambda10" / "report.json").read_text())
     assert rows[1]["kld_paper"] == guided["kld_paper_classifier10-10"] and rows[1]["l2_01"] >= 0

@@ -76,6 +76,11 @@ def test_guided_sampling_writes_samples_and_report(tiny_run):
     report = json.loads((out / "report.json").read_text())
     assert 0 <= report["accuracy_middle"] <= 1 and report["num_samples"] == 6
     assert report["batch_size"] == 4 and int(data["batch_size"]) == 4      # the samples depend on it
+    import device
+    import torch
+    host = report["host"]                    # where the figures came from: CPU flags, AMP mode, torch version
+    assert report["seed"] == 0 and host["torch"] == torch.__version__ and host["device"] == "cpu"
+    assert host["cpu_flags"] == device.cpu_flags() and host["amp"] == ("bfloat16" if device.amp_default("cpu") else "off")
     for name in ("grid.png", "report.md", "histogram_x.png", "heatmaps.png"):
         assert (out / name).exists(), name
     from blobs import blobs, middle_fraction                # the reported fractions, recounted independently
@@ -184,13 +189,6 @@ def test_checkpoint_with_code_is_refused(tmp_path):
     (["--data", "nosuch"], "--data"),
     (["--data", "folder"], "--data-dir"),
     (["--data", "folder", "--data-dir", "/nonexistent"], "does not exist"),
-    (["--image-size", "18"], "not divisible"),
-    (["--batch-size", "0"], "--batch-size"),
-    (["--lr-decay", "1.5"], "--lr-decay"),
-    (["--classifier-intensity", "-0.1"], "--classifier-intensity"),
-    (["--guide-t-min", "4001"], "--guide-t-min"),
-    (["--what", "ddpm", "--overlap"], "--overlap"),
-    (["--what", "classifier", "--overlap"], "--overlap"),
 ])
 def test_train_bad_input_is_one_line_exit_2(tmp_path, args, message):
     proc = run("train.py", "--out", tmp_path / "x", "--steps", "1", *args, ok=False)
@@ -305,6 +303,12 @@ def test_train_flag_combinations_fail_before_the_run_folder_exists(tmp_path, arg
     (["--channel-mult", "1,2,2,2,2,2"], "not divisible by 32"),
     (["--what", "evaluator"], "--data celeba"),
     (["--what", "ddpm", "--overlap"], "--overlap"),
+    (["--what", "classifier", "--overlap"], "--overlap"),
+    (["--image-size", "18"], "not divisible"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--lr-decay", "1.5"], "--lr-decay"),
+    (["--classifier-intensity", "-0.1"], "--classifier-intensity"),
+    (["--guide-t-min", "4001"], "--guide-t-min"),
 ])
 def test_every_flag_combination_is_checked_in_one_place_before_any_work(tmp_path, monkeypatch, capsys, args, message):
     import train
@@ -389,7 +393,7 @@ def test_fixed_variance_run_trains_on_l_simple_and_samples(tmp_path, variance, s
 def test_lambda_sweep_collects_each_report_and_plots(tiny_run):
     proc = run("sweep.py", "--run", tiny_run, "--lambdas", "0,30", "--num-samples", "3", "--name", "t",
                "--sample-args", "--sample-steps 2")
-    rows = json.loads((tiny_run / "sweeps" / "t" / "sweep.json").read_text())
+    rows = json.loads((tiny_run / "sweeps" / "t" / "sweep.json").read_text())["rows"]
     assert [r["lambda"] for r in rows] == [0.0, 30.0]
     for r in rows:
         report = json.loads((Path(r["folder"]) / "report.json").read_text())

@@ -133,3 +133,37 @@ def test_stopping_a_run_with_the_classifier_beside_saves_both_and_resumes_both(t
     assert f"[classifier] resumed from {out / 'classifier.pt'} at step {clf['step']}" in resumed.stdout
     for name, before in (("ddpm", ddpm), ("classifier", clf)):
         assert torch.load(out / f"{name}.pt", weights_only=True)["step"] == before["step"] + 2
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_a_checkpoint_write_waits_until_the_file_is_complete(tmp_path, monkeypatch, sig):
+    """Ctrl-C / SIGTERM in the middle of torch.save once broke the zip writer, so train.py crashed with exit 1
+    instead of saving and exiting 130 (seen in the classifier-beside test above). The handler now runs after the
+    rename: the checkpoint is whole, and no temporary file is left."""
+    import os
+    import checkpoint
+    events = []
+
+    def handler(signum, frame):          # as train.py's: Ctrl-C and SIGTERM raise KeyboardInterrupt
+        events.append("handler")
+        raise KeyboardInterrupt
+
+    real_save = torch.save
+
+    def save_and_get_killed(obj, f):
+        real_save(obj, f)                # the zip is written but not closed, fsync'ed or renamed
+        os.kill(os.getpid(), sig)
+        events.append("sent")
+
+    monkeypatch.setattr(checkpoint.torch, "save", save_and_get_killed)
+    old = signal.signal(sig, handler)
+    try:
+        state = {"model": {"w": torch.arange(100000.0)}, "config": {}, "step": 7}
+        with pytest.raises(KeyboardInterrupt):
+            checkpoint.save_atomic(state, tmp_path / "ddpm.pt")
+        assert signal.getsignal(sig) is handler                     # the handler is back in place
+    finally:
+        signal.signal(sig, old)
+    assert events == ["sent", "handler"]                            # delivered after the write, not during it
+    assert torch.equal(checkpoint.load(tmp_path / "ddpm.pt")["model"]["w"], state["model"]["w"])
+    assert not list(tmp_path.glob("*.tmp"))
