@@ -64,4 +64,6 @@ def parse_lambdas(text, num_classes=None):
 def format_time(seconds):
     """4000 -> '1h06m', 75 -> '1m15s' (progress lines: elapsed, ETA)."""
     seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"

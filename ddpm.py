@@ -299,7 +299,10 @@ class GaussianDiffusion:
 
     def p_sample(self, model, x_t, t, cond_fn=None, clip_denoised=True, model_kwargs=None, noise=None,
                  guide_at="x_t"):
-        """One step x_t -> x_{t-1} [DDPM Alg. 2 line 4], guided by cond_fn [ADM Alg. 1]. Returns dict(sample, pred_x0)."""
+        """One step x_t -> x_{t-1} [DDPM Alg. 2 line 4], guided by cond_fn [ADM Alg. 1].
+
+        Returns dict(sample, pred_x0), each [N, C, H, W].
+        """
         # 1. p(x_{t-1} | x_t) = N(μ_θ, Σ_θ) from the network's ε̂ and v [ZSI eq. 7-8], [IDDPM eq. 15]
         out = self.p_mean_variance(model, x_t, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
         # 2. (multi-)guidance shifts the mean: μ + Σ ⊙ ∇ log p(y | x_t) [ZSI eq. 2-3]

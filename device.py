@@ -29,13 +29,25 @@ def resolve_device(name):
         raise InputError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
 
 
+def _cpuinfo():
+    try:
+        return open("/proc/cpuinfo").read()
+    except OSError:   # not Linux
+        return ""
+
+
 def cpu_flags():
     """The CPU's instruction-set flags that decide speed and the AMP default (Linux /proc/cpuinfo; else [])."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return []
-    return [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags.split()]
+    flags = _cpuinfo().split()
+    return [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+
+
+def cpu_model():
+    """The CPU's model name (Linux /proc/cpuinfo), else the platform's processor or machine name."""
+    for line in _cpuinfo().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def cpu_has_fast_bf16():
@@ -75,7 +87,7 @@ def amp_model(model, device, amp, channels_last=False):
 def host_info(device, amp):
     """What a report records about where it was produced: CPU flags or GPU name, AMP mode, torch version."""
     device = torch.device(device)
-    info = dict(device=device.type, cpu=platform.processor() or platform.machine(), cpu_flags=cpu_flags(),
+    info = dict(device=device.type, cpu=cpu_model(), cpu_flags=cpu_flags(),
                 threads=torch.get_num_threads(), torch=torch.__version__, python=platform.python_version())
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

@@ -331,7 +331,8 @@ def host_line(host):
     """One line for people from a report's "host" (device.host_info)."""
     if not host:
         return "not recorded"
-    where = host.get("gpu") or f"{host.get('cpu')} [{' '.join(host.get('cpu_flags', []))}], {host.get('threads')} threads"
+    flags = " ".join(host.get("cpu_flags", []))
+    where = host.get("gpu") or f"{host.get('cpu')} [{flags}], {host.get('threads')} threads"
     return f"{where}, AMP {host.get('amp')}, torch {host.get('torch')}"
 
 

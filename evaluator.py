@@ -126,8 +126,8 @@ def train_clean_classifier(images, labels, val_images, val_labels, steps=2000, b
             acc = float((_logits(model, val_images, device=device).argmax(1) == torch.as_tensor(val_labels)).float().mean())
             if acc > best[0]:
                 best = (acc, step, {k_: v.detach().clone() for k_, v in model.state_dict().items()})
-            log(f"[evaluator] step {step}/{steps} loss {float(loss):.4f} val acc {acc:.4f} (best {best[0]:.4f} "
-                f"at {best[1]})")
+            log(f"[evaluator] step {step}/{steps} loss {float(loss.detach()):.4f} val acc {acc:.4f} "
+                f"(best {best[0]:.4f} at {best[1]})")
     model.load_state_dict(best[2])
     return model.eval(), dict(val_accuracy=best[0], step=best[1])
 

@@ -121,8 +121,8 @@ def test_paper_preset_at_64_and_128_px(tree, size, mult):
     """--preset paper --image-size 128: the official 128 px U-Net and classifier layouts (64: the paper's)."""
     import config
     root, _ = tree
-    cfg = config.build_config(config.parse_args(["--data", "celeba", "--data-dir", str(root), "--preset", "paper",
+    run_config = config.build_config(config.parse_args(["--data", "celeba", "--data-dir", str(root), "--preset", "paper",
                                                "--image-size", str(size)]))
-    assert cfg["data"]["image_size"] == cfg["unet"]["image_size"] == size
-    assert tuple(cfg["unet"]["channel_mult"]) == mult and tuple(cfg["classifier"]["channel_mult"]) == mult
-    assert cfg["unet"]["model_channels"] == 128 and cfg["train"]["steps"] == 250_000
+    assert run_config["data"]["image_size"] == run_config["unet"]["image_size"] == size
+    assert tuple(run_config["unet"]["channel_mult"]) == mult and tuple(run_config["classifier"]["channel_mult"]) == mult
+    assert run_config["unet"]["model_channels"] == 128 and run_config["train"]["steps"] == 250_000

@@ -80,8 +80,8 @@ def test_ddpm_on_the_subset_and_scored_samples(celeba):
         pytest.skip("needs test_filter_keeps_the_extremes_nested")
     run("train.py", "--data", "celeba", "--data-dir", root, "--attr", "Smiling", "--subset", subset,
         "--oversample", "0:2", "--out", out, *SMALL, *DDPM)
-    cfg = json.loads((out / "config.json").read_text())
-    assert cfg["data"]["subset"] == str(subset) and cfg["data"]["oversample"] == "0:2"
+    run_config = json.loads((out / "config.json").read_text())
+    assert run_config["data"]["subset"] == str(subset) and run_config["data"]["oversample"] == "0:2"
     run("sample.py", "--run", out, "--lambdas", "30,30", "--num-samples", "6", "--sample-steps", "2", "--name", "g")
     report = json.loads((out / "samples" / "g" / "report.json").read_text())
     for key in ("kld_paper_training_data", "mse_paper_classifier30-30", "kld_01_unguided"):

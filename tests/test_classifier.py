@@ -101,9 +101,9 @@ def test_power_iteration_resumes_on_a_zero_initialised_weight():
 
 def test_spectral_norm_is_rebuilt_from_config_and_state():
     torch.manual_seed(0)
-    cfg = ClassifierConfig(**SMALL, spectral_norm=True, lipschitz=0.7)
-    a = cfg.build().eval()
-    b = cfg.build().eval()
+    clf_config = ClassifierConfig(**SMALL, spectral_norm=True, lipschitz=0.7)
+    a = clf_config.build().eval()
+    b = clf_config.build().eval()
     b.load_state_dict(a.state_dict())
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([0, 100])
     torch.testing.assert_close(a(x, t), b(x, t))

@@ -36,9 +36,9 @@ def test_training_writes_the_run_folder(tiny_run):
     for name in ("config.json", "ddpm.pt", "ddpm_loss.csv", "ddpm_samples.png", "ddpm_samples.npz", "ddpm_report.md",
                  "train_examples.png", "classifier.pt", "classifier.json", "classifier_heatmap.png"):
         assert (tiny_run / name).exists(), name
-    cfg = json.loads((tiny_run / "config.json").read_text())
-    assert cfg["unet"]["image_size"] == 16 and cfg["diffusion"]["diffusion_steps"] == 4000
-    assert cfg["guide_t_min"] == 1500           # the cpu preset guides at t >= 3T/8 only
+    run_config = json.loads((tiny_run / "config.json").read_text())
+    assert run_config["unet"]["image_size"] == 16 and run_config["diffusion"]["diffusion_steps"] == 4000
+    assert run_config["guide_t_min"] == 1500           # the cpu preset guides at t >= 3T/8 only
     state = torch.load(tiny_run / "ddpm.pt", weights_only=True)
     assert state["step"] == 6 and {"model", "ema", "opt", "scaler", "rng", "config"} <= set(state)
 
@@ -77,7 +77,6 @@ def test_guided_sampling_writes_samples_and_report(tiny_run):
     assert 0 <= report["accuracy_middle"] <= 1 and report["num_samples"] == 6
     assert report["batch_size"] == 4 and int(data["batch_size"]) == 4      # the samples depend on it
     import device
-    import torch
     host = report["host"]                    # where the figures came from: CPU flags, AMP mode, torch version
     assert report["seed"] == 0 and host["torch"] == torch.__version__ and host["device"] == "cpu"
     assert host["cpu_flags"] == device.cpu_flags() and host["amp"] == ("bfloat16" if device.amp_default("cpu") else "off")
@@ -359,7 +358,8 @@ def test_repeat_over_seeds_writes_mean_and_std(tiny_run, tmp_path):
         assert summary[variant]["accuracy_std"] == pytest.approx(abs(acc[0] - acc[1]) / 2 ** 0.5)   # ddof = 1
     for variant, seed in (("plain", 1), ("plain", 2), ("sn", 1), ("sn", 2)):
         assert (run_dir / f"{variant}_t_seed{seed}.pt").exists()
-    assert "mean ± std" in (run_dir / "repeats_t.md").read_text()
+    table = (run_dir / "repeats_t.md").read_text()
+    assert "mean ± std" in table and f"torch {torch.__version__}." in table
     reference = run_dir / "samples" / "repeat_unguided" / "samples.npz"
     stamp = reference.stat().st_mtime_ns
     run("repeat.py", "--run", run_dir, "--seeds", "1", "--first-seed", "3", "--variants", "plain", "--num-samples", "2",
@@ -381,9 +381,9 @@ def test_repeat_with_changed_classifiers_needs_a_tag(tiny_run):
 def test_fixed_variance_run_trains_on_l_simple_and_samples(tmp_path, variance, small):
     out = tmp_path / "fixed"
     run("train.py", *TINY, "--out", out, "--steps", "2", "--what", "ddpm", "--variance", variance)
-    cfg = json.loads((out / "config.json").read_text())
-    assert cfg["diffusion"]["learn_sigma"] is False and cfg["diffusion"]["sigma_small"] is small
-    assert cfg["unet"]["out_channels"] == 3
+    run_config = json.loads((out / "config.json").read_text())
+    assert run_config["diffusion"]["learn_sigma"] is False and run_config["diffusion"]["sigma_small"] is small
+    assert run_config["unet"]["out_channels"] == 3
     vb = np.loadtxt(out / "ddpm_loss.csv", delimiter=",", usecols=3)
     assert np.all(vb == 0)
     run("sample.py", "--run", out, "--num-samples", "2", "--name", "s")
@@ -400,6 +400,7 @@ def test_lambda_sweep_collects_each_report_and_plots(tiny_run):
         assert r["accuracy_middle"] == report["accuracy_middle"] and r["zero_or_multi"] == report["zero_or_multi"]
     assert json.loads((Path(rows[1]["folder"]) / "report.json").read_text())["lambdas"] == "[[30.0, 30.0]]"
     assert (tiny_run / "sweeps" / "t" / "sweep.png").stat().st_size > 0 and "| 30 |" in proc.stdout
+    assert f"torch {torch.__version__}; sampling seed 0" in (tiny_run / "sweeps" / "t" / "sweep.md").read_text()
 
 
 @pytest.mark.parametrize("lambdas", ["a,b", "-1,30", "nan"])
@@ -409,8 +410,8 @@ def test_sweep_bad_lambdas_is_one_line_exit_2(tiny_run, lambdas):
 
 
 def test_cpu_preset_circles_run_uses_dc_correction_and_mirror_head_and_both_can_be_turned_off(tiny_run, tmp_path):
-    cfg = json.loads((tiny_run / "config.json").read_text())
-    assert cfg["dc_correction"] is True and len(cfg["dc_prior"]["mean"]) == 3 and max(cfg["dc_prior"]["var"]) < 1e-12
+    run_config = json.loads((tiny_run / "config.json").read_text())
+    assert run_config["dc_correction"] is True and len(run_config["dc_prior"]["mean"]) == 3 and max(run_config["dc_prior"]["var"]) < 1e-12
     assert json.loads((tiny_run / "classifier.json").read_text())["classifier"]["mirror_equivariant"] is True
     args = ("--run", tiny_run, "--lambdas", "30,30", "--num-samples", "2", "--sample-steps", "3")
     run("sample.py", *args, "--name", "dc_on")

@@ -6,7 +6,7 @@ import torch
 
 import device
 
-EPYC = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n"
+EPYC = "processor\t: 0\nmodel name\t: AMD EPYC 7B13 64-Core Processor\nflags\t\t: fpu sse2 avx avx2 fma\n"
 SAPPHIRE = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
 
 
@@ -16,6 +16,8 @@ SAPPHIRE = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx
 def test_cpu_flags_and_the_amp_default_follow_proc_cpuinfo(monkeypatch, text, flags, fast):
     monkeypatch.setattr("builtins.open", lambda path, *a, **k: io.StringIO(text))
     assert device.cpu_flags() == flags and device.cpu_has_fast_bf16() is fast
+    if text is EPYC:
+        assert device.cpu_model() == "AMD EPYC 7B13 64-Core Processor"
     assert device.amp_default("cpu") is fast and device.amp_default("cuda") is True
 
 
@@ -23,7 +25,7 @@ def test_no_proc_cpuinfo_means_no_flags_and_amp_off(monkeypatch):
     def missing(*a, **k):
         raise OSError("no such file")
     monkeypatch.setattr("builtins.open", missing)
-    assert device.cpu_flags() == [] and device.amp_default("cpu") is False
+    assert device.cpu_flags() == [] and device.amp_default("cpu") is False and device.cpu_model()
 
 
 def test_host_info_records_amp_mode_and_torch_version(monkeypatch):

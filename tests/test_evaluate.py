@@ -269,3 +269,12 @@ def test_classifier_heatmap_defaults_target_and_timestep():
     left, _ = classifier_heatmap(clf, 12, radius=3, t=7, target=0, batch_size=7)
     np.testing.assert_allclose(left, 1 - expected_right_map(12, 3), rtol=1e-5, atol=1e-6)
     assert (clf.seen_t[-1] == 7).all() and len(torch.cat(clf.seen_t[1:])) == 36
+
+
+def test_host_line_by_hand():
+    from evaluate import host_line
+    cpu = dict(cpu="x86_64", cpu_flags=["avx2"], threads=2, amp="off", torch="2.13.0")
+    assert host_line(cpu) == "x86_64 [avx2], 2 threads, AMP off, torch 2.13.0"
+    gpu = dict(cpu_flags=[], gpu="NVIDIA H100 80GB HBM3", amp="float16", torch="2.11.0+cu130")
+    assert host_line(gpu) == "NVIDIA H100 80GB HBM3, AMP float16, torch 2.11.0+cu130"
+    assert host_line(None) == "not recorded"

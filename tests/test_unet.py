@@ -13,24 +13,24 @@ def test_paper_unet_has_the_official_parameter_count():
 
 @pytest.mark.parametrize("width,attn,count", [(128, (32, 16, 8), 41_287_016), (64, (8,), 10_043_816)])
 def test_classifier_trunk_has_the_official_parameter_count(width, attn, count):
-    cfg = ClassifierConfig(model_channels=width, attention_resolutions=attn, num_classes=1000)  # §3.1
-    assert count_parameters(cfg.build()) == count
+    net_config = ClassifierConfig(model_channels=width, attention_resolutions=attn, num_classes=1000)  # §3.1
+    assert count_parameters(net_config.build()) == count
 
 
-@pytest.mark.parametrize("cfg", [
+@pytest.mark.parametrize("net_config", [
     dict(image_size=16, model_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,)),
     dict(image_size=32, model_channels=16, channel_mult=(1, 2, 2), num_res_blocks=2, attention_resolutions=(16, 8)),
     dict(image_size=32, model_channels=16, channel_mult=(1, 2, 2), resblock_updown=True, out_channels=3,
          use_scale_shift_norm=False, num_head_channels=8),
     dict(image_size=16, in_channels=1, out_channels=2, model_channels=8, channel_mult=(1, 1, 2), num_classes=3),
 ])
-def test_unet_output_shapes(cfg):
-    model = UNetConfig(**{**dict(num_res_blocks=1), **cfg}).build()
-    c = cfg.get("in_channels", 3)
-    x = torch.randn(2, c, cfg["image_size"], cfg["image_size"])
-    y = torch.tensor([0, 2]) if cfg.get("num_classes") else None
+def test_unet_output_shapes(net_config):
+    model = UNetConfig(**{**dict(num_res_blocks=1), **net_config}).build()
+    c = net_config.get("in_channels", 3)
+    x = torch.randn(2, c, net_config["image_size"], net_config["image_size"])
+    y = torch.tensor([0, 2]) if net_config.get("num_classes") else None
     out = model(x, torch.tensor([0, 3999]), y=y)
-    assert out.shape == (2, cfg.get("out_channels", 6), cfg["image_size"], cfg["image_size"])
+    assert out.shape == (2, net_config.get("out_channels", 6), net_config["image_size"], net_config["image_size"])
     assert out.dtype == torch.float32
     assert out.abs().max() == 0                                   # zero-initialised output layer
     # with every weight non-zero: each example's output is the network's on that example alone (no mixing
