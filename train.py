@@ -65,7 +65,8 @@ def fit(kind, model, loss_fn, batches, *, steps, lr, ema_rate, amp, device, path
     """AdamW (no weight decay, lr schedule `lr_at`) with optional EMA, autocast and GradScaler; checkpoints
     `path` atomically.
 
-    loss_fn(model, x, y, generator) -> (mean loss, dict of floats to log). Returns (model, ema).
+    loss_fn(model, x, y, generator, part) -> (mean loss, dict of floats to log), part = this rank's slice of the
+    batch. Returns (model, ema).
     Resumes model, EMA, optimizer, scaler, RNG and step from `path` when `resume` and it exists.
     kind ("ddpm" | "classifier") is stored in the checkpoint; label prefixes the progress lines.
     dist = (rank, world) under torchrun: every rank draws the same global batch (and noise) and trains on
