@@ -8,6 +8,7 @@ value. `check_run` checks every combination of flags before any data is read or 
 import argparse
 import copy
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 
@@ -215,11 +216,11 @@ def build_config(args):
     )
 
 
-def check_run(args, config, device, world, what, out, name):
+def check_run(args, config, device, world, what, out, clf_name):
     """Every constraint between the flags (and the preset defaults they combine with), in one place, checked
     before any data is read or anything is written: a bad combination is one InputError line and exit 2, never
     a crash after training. `config` is build_config's (with a saved run's data and chain when adding a
-    classifier); `what` the models to train; `out` the run folder; `name` the classifier's file stem.
+    classifier); `what` the models to train; `out` the run folder; `clf_name` the classifier's file stem.
     """
     T = config["diffusion"]["diffusion_steps"]
     if args.resume and args.overwrite:
@@ -241,6 +242,15 @@ def check_run(args, config, device, world, what, out, name):
     for name, value in positive:
         if value is not None and value < 1:
             raise InputError(f"{name} must be a positive integer, got {value}")
+    for name, value in (("--seed", args.seed), ("--data-seed", args.data_seed)):
+        if value < 0:
+            raise InputError(f"{name} must be an integer >= 0, got {value}")
+    if args.classifier_name is not None and (not args.classifier_name or Path(args.classifier_name).name !=
+                                             args.classifier_name or args.classifier_name in (".", "..")):
+        raise InputError(f"--classifier-name {args.classifier_name!r} must be a file stem inside --out, without '/'")
+    if config["data"]["name"] in ("sizes", "celeba") and (args.mirror_equivariant or args.classifier_augment == "mirror"):
+        raise InputError(f"--mirror-equivariant and --classifier-augment mirror swap the two classes under a "
+                         f"horizontal flip; {config['data']['name']} labels do not swap (drop the flag)")
     for name, value in (("--lr", args.lr), ("--classifier-lr", args.classifier_lr), ("--lipschitz", args.lipschitz)):
         if value is not None and not 0 < value < float("inf"):
             raise InputError(f"{name} must be a positive number, got {value}")
@@ -294,7 +304,43 @@ def check_run(args, config, device, world, what, out, name):
                 build()
         except (ValueError, AssertionError) as e:
             raise InputError(f"the {net} cannot be built from these flags: {e}") from None
-    for kind, path in (("ddpm", out / "ddpm.pt"), ("classifier", out / f"{name}.pt")):
+    for kind, path in (("ddpm", out / "ddpm.pt"), ("classifier", out / f"{clf_name}.pt")):
         if kind in what and path.exists() and not (args.resume or args.overwrite):
             raise InputError(f"{path} exists; pass --resume to continue it or --overwrite to start afresh "
                              f"(or --out NEW_DIR)")
+    if args.resume:
+        check_resume(config, what, out, clf_name)
+
+
+def _differences(saved, new, prefix, skip=()):
+    """['train.lr 0.0005 -> 0.1', ...]: the settings of `new` that differ from `saved` (nested dicts)."""
+    out = []
+    for key in sorted(set(saved) | set(new)):
+        if key in skip:
+            continue
+        a, b = saved.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
+            out.append(f"{prefix}{key} {a} -> {b}")
+    return out
+
+
+def check_resume(config, what, out, name):
+    """--resume continues a checkpoint with the settings it was trained with: any other data, chain, network or
+    training setting (all but the number of steps and the precision) is an InputError, before any work."""
+    changed = []
+    if "ddpm" in what and (out / "config.json").exists():
+        saved = ckpt_io.read_config(out / "config.json")
+        backbone = config.get("arch", "unet")
+        for key, skip in (("data", ()), ("diffusion", ()), ("arch", ()), (backbone, ("num_classes", "out_channels")),
+                          ("train", ("steps", "overlap_steps", "amp"))):
+            changed += _differences({key: saved.get(key)}, {key: config.get(key)}, "", ()) if not isinstance(
+                config.get(key), dict) else _differences(saved.get(key, {}), config[key], f"{key}.", skip)
+    if "classifier" in what and (out / f"{name}.pt").exists():
+        saved = ckpt_io.load(out / f"{name}.pt")["config"]
+        changed += _differences(saved["classifier"], config["classifier"], "classifier.", ("num_classes",))
+        changed += _differences(saved["train"], config["classifier_train"], "classifier_train.", ("steps",))
+    if changed:
+        raise InputError(f"--resume: {out} was trained with other settings ({'; '.join(changed[:4])}"
+                         f"{'; ...' if len(changed) > 4 else ''}); resume with its flags or start a new --out")

@@ -64,6 +64,9 @@ def render_circles(positions, image_size, radius=2):
 def circles_dataset(image_size=32, radius=2, delta=0.2, full_range=False, seed=42):
     """(images uint8 [N, H, W, 3], labels int64 [N] = 1{x ≥ W/2}, centres [N, 2]), shuffled by `seed`."""
     pos = circle_positions(image_size, radius, delta, full_range)
+    if len(pos) == 0 or not full_range and len(np.unique(pos[:, 0] >= image_size // 2)) < 2:
+        raise InputError(f"--image-size {image_size} with --radius {radius} and --delta {delta} leaves no room for a "
+                         f"disc at both borders; use a larger --image-size or --delta, or a smaller --radius")
     pos = pos[np.random.default_rng(seed).permutation(len(pos))]
     labels = (pos[:, 0] >= image_size // 2).astype(np.int64)
     return render_circles(pos, image_size, radius), labels, pos

@@ -18,6 +18,8 @@ import numpy as np
 
 import sample
 import train
+from checkpoint import read_config
+from cli import InputError, parse_lambdas
 from evaluate import host_line
 
 VARIANTS = {"plain": [], "sn": ["--spectral-norm"],
@@ -46,6 +48,17 @@ def main(argv=None):
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         p.error(f"--variants {unknown} unknown; choose from {list(VARIANTS)}")
+    if args.seeds < 1 or args.first_seed < 0 or args.num_samples < 1:
+        p.error("--seeds and --num-samples must be >= 1 and --first-seed >= 0")
+    if not (run / "config.json").exists():
+        p.error(f"{run}/config.json not found: train the run first (python train.py --data circles --out {run})")
+    config = read_config(run / "config.json")
+    if config["data"]["name"] != "circles":
+        p.error(f"repeat.py measures circles (middle / broken circles); {run} holds {config['data']['name']} data")
+    try:
+        parse_lambdas(args.lambdas, config["classifier"]["num_classes"])
+    except InputError as e:
+        p.error(str(e))
     extra_sample = shlex.split(args.sample_args) + ["--num-samples", str(args.num_samples), "--run", str(run)]
     if args.train_args and not args.tag:
         p.error("--train-args changes the classifiers: give them a --tag (e.g. --tag _b32) so that classifiers "

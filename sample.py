@@ -151,6 +151,17 @@ def check_flags(args, config, T, classifiers, cfg_classes, world):
         raise InputError(f"--evaluator {missing[0]} not found; train one with `train.py --data celeba --what evaluator`")
     if args.interpolate and args.edit:
         raise InputError("--interpolate and --edit are separate runs; pass one of them")
+    if args.interpolate or args.edit:
+        unused = [flag for flag, on in (("--cfg-scale", args.cfg_scale is not None), ("--ddim", args.ddim),
+                                        ("--eta", args.eta != 0), ("--quality", args.quality),
+                                        ("--evaluator", bool(args.evaluator))) if on]
+        if unused:
+            raise InputError(f"--interpolate / --edit run their own DDIM schedule and report; drop {', '.join(unused)}")
+    if args.quality and (args.num_samples or 4) < 4:
+        raise InputError(f"--quality compares each sample with its 3 nearest neighbours: it needs --num-samples 4 "
+                         f"or more, got {args.num_samples}")
+    if args.name is not None and (not args.name or Path(args.name).name != args.name or args.name in (".", "..")):
+        raise InputError(f"--name {args.name!r} must be a folder name inside <run>/samples, without '/'")
     if not 0 < args.t_fraction <= 1:
         raise InputError(f"--t-fraction must be in (0, 1], got {args.t_fraction}")
     if args.points < 2:

@@ -164,9 +164,9 @@ def fit(kind, model, loss_fn, batches, *, steps, lr, ema_rate, amp, device, path
     return model, ema
 
 
-def draw_t_noise(gen, x, num_steps, part):
+def draw_t_noise(gen, x, num_timesteps, part):
     """t ~ U{0..T-1} and ε for the global batch x (identical on every rank), then this rank's slice."""
-    t = torch.randint(0, num_steps, (x.shape[0],), generator=gen).to(x.device)
+    t = torch.randint(0, num_timesteps, (x.shape[0],), generator=gen).to(x.device)
     noise = torch.randn(x.shape, generator=gen).to(x.device)
     return x[part], t[part], noise[part]
 

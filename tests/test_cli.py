@@ -151,6 +151,10 @@ def test_same_seed_same_samples_and_new_folder_each_run(tiny_run):
     (["--lambdas", "30,30", "--guide-t-min", "-1"], "--guide-t-min"),
     (["--lambdas", "30,30", "--guide-t-min", "4001"], "--guide-t-min"),
     (["--guide-t-min", "500"], "--guide-t-min"),
+    (["--quality"], "--quality compares each sample with its 3 nearest"),
+    (["--interpolate", "--ddim"], "drop --ddim"),
+    (["--edit", "--lambdas", "30,30", "--eta", "0.5"], "drop --eta"),
+    (["--name", "../escape"], "--name"),
 ])
 def test_sample_bad_input_is_one_line_exit_2(tiny_run, args, message):
     proc = run("sample.py", "--run", tiny_run, "--num-samples", "2", *args, ok=False)
@@ -188,6 +192,7 @@ def test_checkpoint_with_code_is_refused(tmp_path):
     (["--data", "nosuch"], "--data"),
     (["--data", "folder"], "--data-dir"),
     (["--data", "folder", "--data-dir", "/nonexistent"], "does not exist"),
+    (["--image-size", "16", "--radius", "3"], "no room for a disc at both borders"),
 ])
 def test_train_bad_input_is_one_line_exit_2(tmp_path, args, message):
     proc = run("train.py", "--out", tmp_path / "x", "--steps", "1", *args, ok=False)
@@ -308,6 +313,9 @@ def test_train_flag_combinations_fail_before_the_run_folder_exists(tmp_path, arg
     (["--lr-decay", "1.5"], "--lr-decay"),
     (["--classifier-intensity", "-0.1"], "--classifier-intensity"),
     (["--guide-t-min", "4001"], "--guide-t-min"),
+    (["--data-seed", "-1"], "--data-seed"),
+    (["--classifier-name", "../outside"], "--classifier-name"),
+    (["--data", "sizes", "--mirror-equivariant"], "--mirror-equivariant"),
 ])
 def test_every_flag_combination_is_checked_in_one_place_before_any_work(tmp_path, monkeypatch, capsys, args, message):
     import train
@@ -483,3 +491,21 @@ def test_spectral_norm_classifier_is_saved_within_its_bound(tiny_run, tmp_path):
     sigmas = spectral_norm_sigmas(model)
     assert len(sigmas) > 10
     assert max(sigmas.values()) <= 0.5 * (1 + 1e-3) and min(sigmas.values()) >= 0.5 * (1 - 1e-3), sigmas
+
+
+@pytest.mark.parametrize("args,message", [(["--lr", "0.1"], "train.lr 0.0005 -> 0.1"),
+                                          (["--classifier-width", "4"], "classifier.model_channels 8 -> 4")])
+def test_resume_refuses_other_settings_than_the_checkpoints(tiny_run, args, message):
+    """--resume once trained on whatever the flags said (another lr, another data set) or crashed on a shape
+    mismatch after loading the data; the saved settings must match, all but the steps."""
+    proc = run("train.py", *TINY, "--out", tiny_run, "--resume", *args, ok=False)
+    assert proc.returncode == 2 and "--resume" in proc.stderr and message in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args,message", [(["--seeds", "0"], "--seeds"), (["--lambdas", "30"], "--lambdas '30'")])
+def test_repeat_refuses_bad_input_before_training_anything(tiny_run, args, message):
+    before = sorted(p.name for p in tiny_run.iterdir())
+    proc = run("repeat.py", "--run", tiny_run, *args, ok=False)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert sorted(p.name for p in tiny_run.iterdir()) == before          # no classifier trained, nothing sampled

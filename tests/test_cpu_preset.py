@@ -233,3 +233,31 @@ def test_the_paper_preset_path_contains_none_of_the_additions(preset, tmp_path, 
     assert config["classifier"]["mirror_equivariant"] is not paper
     sample.main(["--run", str(run), "--lambdas", "30,30", "--num-samples", "2"])
     assert calls == (set() if paper else {"dc_corrected", "MirrorEquivariant", "guidance_window"})
+
+
+def test_dc_wrapper_passes_the_models_inputs_through_and_returns_float32():
+    """The wrapped network gets exactly (x_t, t, **kwargs); a float64 prior still gives a float32 ε̂."""
+    seen = {}
+
+    def model(x, t, **kwargs):
+        seen.update(x=x, t=t, kwargs=kwargs)
+        return torch.zeros(x.shape[0], 6, *x.shape[2:])
+
+    d = GaussianDiffusion(SMALL_BETAS)
+    x, t = torch.randn(2, 3, 2, 2), torch.tensor([0, 2])
+    out = dc_corrected(model, d, np.array([0.1, 0.2, 0.3]), np.array([0.0, 0.1, 0.2]))(x, t, y=torch.tensor([1, 0]))
+    assert seen["x"] is x and seen["t"] is t and list(seen["kwargs"]) == ["y"] and seen["kwargs"]["y"].tolist() == [1, 0]
+    assert out.dtype == torch.float32 and out.shape == (2, 6, 2, 2)
+
+
+def test_mirror_wrapper_state_dict_takes_the_modules_arguments():
+    torch.manual_seed(0)
+    inner = ClassifierConfig(**SMALL).build()
+    wrapped = MirrorEquivariant(inner)
+    assert list(wrapped.state_dict(prefix="clf.")) == list(inner.state_dict(prefix="clf."))
+    with pytest.warns(FutureWarning):
+        assert list(wrapped.state_dict(None, "p.")) == list(inner.state_dict(prefix="p."))   # positional, deprecated
+    partial = {k: v for i, (k, v) in enumerate(inner.state_dict().items()) if i}              # one entry missing
+    first = next(iter(inner.state_dict()))
+    assert wrapped.load_state_dict(partial, strict=False).missing_keys == [first]
+    assert wrapped.load_state_dict(partial, False).missing_keys == [first]

@@ -167,3 +167,17 @@ def test_a_signal_during_a_checkpoint_write_waits_until_the_file_is_complete(tmp
     assert events == ["sent", "handler"]                            # delivered after the write, not during it
     assert torch.equal(checkpoint.load(tmp_path / "ddpm.pt")["model"]["w"], state["model"]["w"])
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_runs_saved_with_the_old_name_of_T_still_load(tmp_path):
+    """Configs saved before T was named `diffusion_steps` (improved-diffusion's name) carry `num_steps`."""
+    import json
+    import checkpoint
+    from ddpm import DiffusionConfig
+    old = {"diffusion": {"num_steps": 40, "schedule": "cosine", "learn_sigma": True, "sigma_small": False,
+                         "vb_scale": 1.0}, "data": {"image_size": 16}}
+    checkpoint.save_atomic({"kind": "ddpm", "config": old, "model": {}}, tmp_path / "ddpm.pt")
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    for config in (checkpoint.load(tmp_path / "ddpm.pt")["config"], checkpoint.read_config(tmp_path / "config.json")):
+        assert config["diffusion"]["diffusion_steps"] == 40 and "num_steps" not in config["diffusion"]
+        assert DiffusionConfig(**config["diffusion"]).build().num_timesteps == 40
