@@ -181,3 +181,21 @@ def test_runs_saved_with_the_old_name_of_T_still_load(tmp_path):
     for config in (checkpoint.load(tmp_path / "ddpm.pt")["config"], checkpoint.read_config(tmp_path / "config.json")):
         assert config["diffusion"]["diffusion_steps"] == 40 and "num_steps" not in config["diffusion"]
         assert DiffusionConfig(**config["diffusion"]).build().num_timesteps == 40
+
+
+@pytest.mark.parametrize("args,message", [(["--lr", "0.1"], "train.lr 0.0005 -> 0.1"),
+                                          (["--classifier-width", "4"], "classifier.model_channels 8 -> 4")])
+def test_resume_refuses_other_settings_than_the_checkpoints(small_run, args, message):
+    """--resume once trained on whatever the flags said (another lr, another data set) or crashed on a shape
+    mismatch after loading the data; the saved settings must match, all but the steps."""
+    proc = run("train.py", *TINY, "--out", small_run, "--resume", *args, ok=False)
+    assert proc.returncode == 2 and "--resume" in proc.stderr and message in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args,message", [(["--seeds", "0"], "--seeds"), (["--lambdas", "30"], "--lambdas '30'")])
+def test_repeat_refuses_bad_input_before_training_anything(small_run, args, message):
+    before = sorted(p.name for p in small_run.iterdir())
+    proc = run("repeat.py", "--run", small_run, *args, ok=False)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert sorted(p.name for p in small_run.iterdir()) == before          # no classifier trained, nothing sampled
