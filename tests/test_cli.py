@@ -17,6 +17,12 @@ TINY = ["--data", "circles", "--image-size", "16", "--model-channels", "8", "--c
         "--sample-steps", "4", "--eval-samples", "4", "--log-every", "2", "--ckpt-every", "2"]
 
 
+def cases(table):
+    """Parametrize cases from a table of `FLAGS => MESSAGE` lines: (the flags as a list, the expected message)."""
+    return [(flags.split(), message.strip()) for flags, message in
+            (line.split(" => ") for line in table.strip().splitlines())]
+
+
 def run(script, *args, ok=True):
     proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
                           cwd=ROOT, timeout=300)
@@ -288,35 +294,35 @@ def test_train_flag_combinations_fail_before_the_run_folder_exists(tmp_path, arg
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "new").exists()
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--diffusion-steps", "3"], "--sample-steps 4 must be in 1..3"),
-    (["--sample-steps", "0"], "--sample-steps 0"),
-    (["--diffusion-steps", "0"], "--diffusion-steps"),
-    (["--diffusion-steps", "32", "--guide-t-min", "33"], "--guide-t-min"),
-    (["--eval-samples", "-1"], "--eval-samples"),
-    (["--log-every", "0"], "--log-every"),
-    (["--ckpt-every", "0"], "--ckpt-every"),
-    (["--ema", "1"], "--ema"),
-    (["--lr", "-1"], "--lr"),
-    (["--classifier-lr", "0"], "--classifier-lr"),
-    (["--vb-scale", "-1"], "--vb-scale"),
-    (["--radius", "0"], "--radius"),
-    (["--delta", "0"], "--delta"),
-    (["--resume", "--overwrite"], "--resume"),
-    (["--arch", "dit", "--dit-heads", "3"], "num_heads"),
-    (["--channel-mult", "1,2,2,2,2,2"], "not divisible by 32"),
-    (["--what", "evaluator"], "--data celeba"),
-    (["--what", "ddpm", "--overlap"], "--overlap"),
-    (["--what", "classifier", "--overlap"], "--overlap"),
-    (["--image-size", "18"], "not divisible"),
-    (["--batch-size", "0"], "--batch-size"),
-    (["--lr-decay", "1.5"], "--lr-decay"),
-    (["--classifier-intensity", "-0.1"], "--classifier-intensity"),
-    (["--guide-t-min", "4001"], "--guide-t-min"),
-    (["--data-seed", "-1"], "--data-seed"),
-    (["--classifier-name", "../outside"], "--classifier-name"),
-    (["--data", "sizes", "--mirror-equivariant"], "--mirror-equivariant"),
-])
+@pytest.mark.parametrize("args,message", cases("""
+    --diffusion-steps 3 => --sample-steps 4 must be in 1..3
+    --sample-steps 0 => --sample-steps 0
+    --diffusion-steps 0 => --diffusion-steps
+    --diffusion-steps 32 --guide-t-min 33 => --guide-t-min
+    --eval-samples -1 => --eval-samples
+    --log-every 0 => --log-every
+    --ckpt-every 0 => --ckpt-every
+    --ema 1 => --ema
+    --lr -1 => --lr
+    --classifier-lr 0 => --classifier-lr
+    --vb-scale -1 => --vb-scale
+    --radius 0 => --radius
+    --delta 0 => --delta
+    --resume --overwrite => --resume
+    --arch dit --dit-heads 3 => num_heads
+    --channel-mult 1,2,2,2,2,2 => not divisible by 32
+    --what evaluator => --data celeba
+    --what ddpm --overlap => --overlap
+    --what classifier --overlap => --overlap
+    --image-size 18 => not divisible
+    --batch-size 0 => --batch-size
+    --lr-decay 1.5 => --lr-decay
+    --classifier-intensity -0.1 => --classifier-intensity
+    --guide-t-min 4001 => --guide-t-min
+    --data-seed -1 => --data-seed
+    --classifier-name ../outside => --classifier-name
+    --data sizes --mirror-equivariant => --mirror-equivariant
+"""))
 def test_every_flag_combination_is_checked_in_one_place_before_any_work(tmp_path, monkeypatch, capsys, args, message):
     import train
     monkeypatch.setattr(train.signal, "signal", lambda *a: None)        # keep pytest's own signal handlers
