@@ -312,18 +312,23 @@ def check_run(args, config, device, world, what, out, clf_name):
         check_resume(config, what, out, clf_name)
 
 
-def _differences(saved, new, prefix, skip=()):
-    """['train.lr 0.0005 -> 0.1', ...]: the settings of `new` that differ from `saved` (nested dicts)."""
+def _differences(saved, new, prefix=""):
+    """['train.lr 0.0005 -> 0.1', ...]: the settings of `new` that differ from `saved` (nested dicts). A key that
+    `saved` does not record (a run saved before the setting existed) is not compared."""
     out = []
-    for key in sorted(set(saved) | set(new)):
-        if key in skip:
-            continue
-        a, b = saved.get(key), new.get(key)
+    for key in sorted(saved):
+        a, b = saved[key], new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             out += _differences(a, b, f"{prefix}{key}.")
         elif (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
             out.append(f"{prefix}{key} {a} -> {b}")
     return out
+
+
+def _sections(config, skip):
+    """{section: its settings but the keys in skip[section]} for the sections named in skip."""
+    return {key: {k: v for k, v in config[key].items() if k not in drop} for key, drop in skip.items()
+            if isinstance(config.get(key), dict)}
 
 
 def check_resume(config, what, out, name):
@@ -332,15 +337,15 @@ def check_resume(config, what, out, name):
     changed = []
     if "ddpm" in what and (out / "config.json").exists():
         saved = ckpt_io.read_config(out / "config.json")
-        backbone = config.get("arch", "unet")
-        for key, skip in (("data", ()), ("diffusion", ()), ("arch", ()), (backbone, ("num_classes", "out_channels")),
-                          ("train", ("steps", "overlap_steps", "amp"))):
-            changed += _differences({key: saved.get(key)}, {key: config.get(key)}, "", ()) if not isinstance(
-                config.get(key), dict) else _differences(saved.get(key, {}), config[key], f"{key}.", skip)
+        skip = {"data": (), "diffusion": (), config.get("arch", "unet"): ("num_classes", "out_channels"),
+                "train": ("steps", "overlap_steps", "amp")}
+        changed += _differences({"arch": saved.get("arch", "unet"), **_sections(saved, skip)},
+                                {"arch": config.get("arch", "unet"), **_sections(config, skip)})
     if "classifier" in what and (out / f"{name}.pt").exists():
-        saved = ckpt_io.load(out / f"{name}.pt")["config"]
-        changed += _differences(saved["classifier"], config["classifier"], "classifier.", ("num_classes",))
-        changed += _differences(saved["train"], config["classifier_train"], "classifier_train.", ("steps",))
+        saved = ckpt_io.load(out / f"{name}.pt")["config"]   # its classifier_train is saved as "train"
+        saved = dict(classifier=saved["classifier"], classifier_train=saved["train"])
+        skip = {"classifier": ("num_classes",), "classifier_train": ("steps",)}
+        changed += _differences(_sections(saved, skip), _sections(config, skip))
     if changed:
         raise InputError(f"--resume: {out} was trained with other settings ({'; '.join(changed[:4])}"
                          f"{'; ...' if len(changed) > 4 else ''}); resume with its flags or start a new --out")

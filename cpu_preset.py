@@ -63,11 +63,12 @@ def dc_corrected(model, diffusion, mean, var):
     """
     table = torch.zeros(int(diffusion.timestep_map.max()) + 1, dtype=torch.float64)
     table[torch.from_numpy(np.asarray(diffusion.timestep_map))] = torch.from_numpy(diffusion.alphas_cumprod)
+    prior = [torch.as_tensor(a, dtype=torch.float32).view(1, -1, 1, 1) for a in (mean, var)]
 
     def corrected(x_t, t, **kwargs):
         out = model(x_t, t, **kwargs)
         c = x_t.shape[1]
-        m, s2 = (torch.as_tensor(a, dtype=torch.float32, device=x_t.device).view(1, -1, 1, 1) for a in (mean, var))
+        m, s2 = (a.to(x_t.device) for a in prior)
         n = x_t.shape[2] * x_t.shape[3]
         abar = table[t.cpu()].to(device=x_t.device, dtype=torch.float32).view(-1, 1, 1, 1)
         u = x_t.mean(dim=(2, 3), keepdim=True)

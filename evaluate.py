@@ -321,8 +321,8 @@ def write_report(report, folder, title, stem="report", device="cpu", amp=False):
     for k, v in clean.items():
         if isinstance(v, float):
             v = f"{v:.4f}"
-        elif isinstance(v, dict):
-            v = ", ".join(f"{a} {b}" for a, b in v.items())
+        elif k == "host":
+            v = host_line(v)
         lines.append(f"| {k} | {v} |")
     (folder / f"{stem}.md").write_text("\n".join(lines) + "\n")
 

@@ -110,10 +110,10 @@ def inversion_inputs(args, data_config, n):
     return images[:min(n, len(images))]
 
 
-def run_inversion(args, model, diffusion, cond_fn, dc, config, run, out, device):
-    """App. M interpolation strip or App. N edits into `out`, with circle positions measured when the data is
-    circles. diffusion: the respaced chain; dc: the DC prior or None (generate.sampling_model)."""
-    real = inversion_inputs(args, config["data"], args.num_samples or 64)
+def run_inversion(args, real, model, diffusion, cond_fn, dc, config, run, out, device):
+    """App. M interpolation strip or App. N edits of the uint8 images `real` (inversion_inputs) into `out`, with
+    circle positions measured when the data is circles. diffusion: the respaced chain; dc: the DC prior or None
+    (generate.sampling_model)."""
     net = sampling_model(model, diffusion, device, args.amp, args.channels_last, dc=dc)
     t_stop = inversion_index(args.t_fraction, diffusion.num_timesteps)
     x = to_float(real).to(device)

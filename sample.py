@@ -134,7 +134,8 @@ def output_dir(run, name, overwrite):
 
 
 def check_flags(args, config, T, classifiers, cfg_classes, world):
-    """Every constraint between sample.py's flags and the run, before any work; raises InputError."""
+    """Every constraint between sample.py's flags and the run, before any work; raises InputError. Returns the real
+    images to invert for --interpolate / --edit (read here, so that bad --images fail first), else None."""
     if world > 1 and (args.interpolate or args.edit):
         raise InputError("--interpolate / --edit run in one process; start them without torchrun")
     for flag, value in (("--num-samples", args.num_samples), ("--batch-size", args.batch_size)):
@@ -177,7 +178,8 @@ def check_flags(args, config, T, classifiers, cfg_classes, world):
         raise InputError(f"--sample-steps must be in 1..{T}, got {args.sample_steps}")
     if args.interpolate or args.edit:
         inversion.inversion_index(args.t_fraction, args.sample_steps)     # a latent index in 1..steps-1 exists
-        inversion.inversion_inputs(args, config["data"], args.num_samples or 64)   # bad --images fail now
+        return inversion.inversion_inputs(args, config["data"], args.num_samples or 64)   # bad --images fail now
+    return None
 
 
 def main(argv=None):
@@ -207,7 +209,7 @@ def main(argv=None):
         dc_run = config.get("dc_correction", False)    # the run's choice; runs from before it: off
         dc = dc_run if args.dc_correction is None else args.dc_correction
         cfg_classes = ckpt_io.backbone_config(config).get("num_classes", 0) - 1
-        check_flags(args, config, diffusion.num_timesteps, classifiers, cfg_classes, world)
+        real = check_flags(args, config, diffusion.num_timesteps, classifiers, cfg_classes, world)
         prior = dc_prior(config, dc)
         circles = config["data"]["name"] == "circles"
         n = args.num_samples or (1000 if circles else 10000)
@@ -229,7 +231,7 @@ def main(argv=None):
     chain = diffusion.respace(args.sample_steps)
     if args.interpolate or args.edit:
         with ckpt_io.staged_output(out) as tmp:
-            inversion.run_inversion(args, model, chain, cond_fn, prior, config, run, tmp, device)
+            inversion.run_inversion(args, real, model, chain, cond_fn, prior, config, run, tmp, device)
         print(f"done: {out}", flush=True)
         return out
     print(f"[sample] {n} samples, {args.sample_steps} {'DDIM' if args.ddim else 'ancestral'} steps"
