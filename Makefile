@@ -22,10 +22,15 @@ test: setup
 bench: setup
 	$(BIN)/python bench.py
 
+# A GPU user's first ten minutes (gpu_check.py): the suite on CUDA, bench.py on the paper config, where the time
+# goes, a short paper-preset circles run; one report in gpu_check/. Without a GPU: its reduced CPU form.
+gpu-check: setup
+	$(BIN)/python gpu_check.py
+
 # Mutation testing of the fast unit tests (config: setup.cfg [mutmut]); slow, not part of `make test` or CI.
 # One worker, one torch thread. `$(BIN)/mutmut results` lists survivors, `$(BIN)/mutmut show NAME` shows one.
 mutants: setup
 	$(BIN)/pip install -q mutmut==3.8.1
 	OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children 1 $(MUTANTS)
 
-.PHONY: setup demo test bench mutants
+.PHONY: setup demo test bench gpu-check mutants

@@ -1,19 +1,23 @@
 """Benchmark: ms per DDPM training step and per guided sampling step, fp32 / AMP / channels_last / compile.
 
   python bench.py                       # CPU preset (its batch, 32) and the paper's 121M U-Net (batch 2)
-  python bench.py --device cuda --paper-batch 64
+  python bench.py --device cuda --paper-batch 64 --skip-cpu-preset --modes fp32,amp,bf16,amp+channels_last
+  python bench.py --device cuda --paper-batch 64 --skip-cpu-preset --profile --modes amp   # where the time goes
 
 A training step is forward + backward + AdamW + EMA update of the U-Net on L_hybrid; a guided sampling
 step is one U-Net forward plus one classifier forward+backward (multi-guidance, λ = 30, 30), exactly what
 sample.py runs per respaced step. Timing: warm-up, then the median of --repeats runs, all modes and steps
 round-robin so that the machine's drift hits every mode alike. GFLOP/s counts the
 convolutions and matmuls with torch.utils.flop_counter (what the hardware must at least do), compared with
-the machine's fp32 peak (cores × FLOP/cycle × clock: 32 FLOP/cycle with AVX2+FMA, 64 with AVX-512). "compile"
-wraps the U-Net and classifier in torch.compile (its one-off compile time is printed). Peak memory: CUDA's
+the machine's fp32 peak (cores × FLOP/cycle × clock: 32 FLOP/cycle with AVX2+FMA, 64 with AVX-512), or on CUDA
+with the fp16 matrix-product rate measured first (8192³ products). Modes join parts with "+" (`mode_parts`).
+"compile" wraps the U-Net and classifier in torch.compile (its one-off compile time is printed). Attention goes
+through torch's scaled_dot_product_attention (fused kernels); "sdpa_math" forces its unfused reference backend. Peak memory: CUDA's
 max allocated after the mode's first steps, or on CPU the process's maximum resident set so far (monotone
 across rows).
 """
 import argparse
+import contextlib
 import copy
 import math
 import resource
@@ -21,14 +25,16 @@ import statistics
 import time
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from classifier import ClassifierConfig
+from cli import InputError, one_line_errors
 from ddpm import DiffusionConfig
 from guidance import multi_guidance
-from checkpoint import build_classifier
+from checkpoint import build_classifier, write_json
 from config import build_config, parse_args as train_args
-from device import autocast
+from device import autocast, resolve_device
 from train import ema_update
 from unet import UNetConfig, count_parameters
 
@@ -84,9 +90,34 @@ def peak_memory_gib(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20      # kB -> GiB
 
 
+MODE_PARTS = ("fp32", "amp", "bf16", "channels_last", "compile", "sdpa_math")
+
+
+def mode_parts(mode):
+    """The switches of a mode such as "amp+channels_last+compile"; raises InputError on an unknown part.
+
+    fp32: no autocast; amp: the project's autocast (fp16 + GradScaler on CUDA, bf16 on CPU); bf16: bf16 autocast
+    on any device; channels_last: NHWC memory format; compile: torch.compile of the U-Net, EMA and classifier;
+    sdpa_math: attention through SDPA's unfused math backend (the baseline the fused kernels are measured against).
+    """
+    parts = set(mode.split("+"))
+    if not parts <= set(MODE_PARTS) or {"amp", "bf16"} <= parts:
+        raise InputError(f"--modes: {mode!r} is not a mode; join parts of {', '.join(MODE_PARTS)} with '+' "
+                         f"(at most one of amp, bf16)")
+    return parts
+
+
+def mode_autocast(device, parts):
+    if "bf16" in parts:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return autocast(device, "amp" in parts)
+
+
 def mode_steps(mode, unet_config, make_classifier, batch, diffusion, sampler, device):
     """(train_step, guided_step, unguided_step, model) for one mode, each a closure over its own models."""
-    amp, channels_last, compiled = mode == "amp", mode == "channels_last", mode == "compile"
+    parts = mode_parts(mode)
+    amp, channels_last, compiled = "amp" in parts, "channels_last" in parts, "compile" in parts
+    attention = (lambda: sdpa_kernel(SDPBackend.MATH)) if "sdpa_math" in parts else contextlib.nullcontext
     torch.manual_seed(0)
     model = unet_config.build().to(device)
     clf = make_classifier().to(device).eval()
@@ -104,7 +135,7 @@ def mode_steps(mode, unet_config, make_classifier, batch, diffusion, sampler, de
         train_model, ema_net, clf_net = torch.compile(model), torch.compile(ema), torch.compile(clf)
 
     def train_step():
-        with autocast(device, amp):
+        with mode_autocast(device, parts), attention():
             loss = diffusion.training_losses(train_model, x, t)["loss"].mean()
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -116,11 +147,11 @@ def mode_steps(mode, unet_config, make_classifier, batch, diffusion, sampler, de
     ts = torch.full((batch,), 32, dtype=torch.long, device=device)
 
     def net(xx, tt):
-        with autocast(device, amp):
+        with mode_autocast(device, parts):
             return ema_net(xx, tt)
 
     def sample_step(guided=True):
-        with torch.no_grad():
+        with torch.no_grad(), attention():
             sampler.p_sample(net, x, ts, cond_fn=cond_fn if guided else None)
 
     if compiled:
@@ -130,8 +161,19 @@ def mode_steps(mode, unet_config, make_classifier, batch, diffusion, sampler, de
     return train_step, sample_step, lambda: sample_step(False), model
 
 
-def bench_config(name, unet_config, make_classifier, batch, modes, repeats, device, warmup_s=3.0):
-    """One row per mode; all modes' steps are timed round-robin (see `timed`)."""
+def matmul_tflops(device, dtype, n=8192, repeats=10):
+    """Measured dense matrix-product rate of the device (TFLOP/s, median of `repeats` n×n×n products on random
+    data after warm-up): the practical ceiling the CUDA rows' GFLOP/s are compared with."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    secs = timed({"mm": lambda: a @ b}, repeats, device, warmup_s=1.0)["mm"]
+    return 2 * n ** 3 / secs / 1e12
+
+
+def bench_config(name, unet_config, make_classifier, batch, modes, repeats, device, warmup_s=3.0, peak=None):
+    """One row per mode; all modes' steps are timed round-robin (see `timed`). `peak` (GFLOP/s) is what the
+    GFLOP/s column is compared with: default the CPU's estimated fp32 peak, none on CUDA."""
+    if peak is None:
+        peak = cpu_peak_gflops() if device.type == "cpu" else float("nan")
     diffusion = DiffusionConfig().build()
     sampler = diffusion.respace(64)
     steps, models, peaks = {}, {}, {}
@@ -155,7 +197,7 @@ def bench_config(name, unet_config, make_classifier, batch, modes, repeats, devi
         rows.append(dict(config=name, params=f"{count_parameters(model) / 1e6:.2f}M", mode=mode, batch=batch,
                          train_ms=1e3 * train_s, train_img_s=batch / train_s, gflops=flops / train_s / 1e9,
                          guided_ms=1e3 * secs[mode, "guided"], unguided_ms=1e3 * secs[mode, "unguided"],
-                         peak_gib=peaks[mode], peak=cpu_peak_gflops() if device.type == "cpu" else float("nan")))
+                         peak_gib=peaks[mode], peak=peak))
         print(format_row(rows[-1]), flush=True)
     return rows
 
@@ -166,8 +208,8 @@ HEADER = ("| config | params | mode | batch | train ms/step | train img/s | trai
 
 
 def share_of_peak(gflops, peak):
-    """"(56%)" of the CPU's estimated fp32 peak; "(GPU)" where no peak is estimated (CUDA rows)."""
-    return f"({100 * gflops / peak:.0f}%)" if math.isfinite(peak) else "(GPU)"
+    """"(56%)" of `peak`: the CPU's estimated fp32 peak, or on CUDA the measured fp16 matrix-product rate."""
+    return f"({100 * gflops / peak:.0f}%)" if math.isfinite(peak) else "(no peak)"
 
 
 def format_row(r):
@@ -177,57 +219,107 @@ def format_row(r):
             f"{r['peak_gib']:.2f} |")
 
 
-def profile(unet_config, make_classifier, batch):
-    """Where the time goes: self CPU time per operator over 3 training steps and 3 guided sampling steps."""
+CATEGORIES = (("convolution", ("conv",)), ("matmul", ("mm", "matmul", "linear")),
+              ("attention", ("attention", "flash", "sdpa")), ("normalisation", ("norm",)),
+              ("optimizer + EMA", ("foreach", "adam", "lerp")), ("copies and casts", ("copy", "_to_copy", "clone")))
+
+
+def category(op_name):
+    """The kind of work an aten operator does (first match in CATEGORIES), else "elementwise and other"."""
+    name = op_name.removeprefix("aten::")
+    for label, keys in CATEGORIES:
+        if any(k in name for k in keys):
+            return label
+    return "elementwise and other"
+
+
+def profile(unet_config, make_classifier, batch, device, mode="fp32", repeats=3):
+    """Where the time goes, per step kind (training; guided sampling): wall ms per step, the device's busy time
+    (sum of the aten operators' self time on the device: CUDA kernels, or CPU time on a CPU) and its split by
+    kind of work, plus torch.profiler's operator table. Busy time well under wall time means the device waits
+    for the host (kernel launches, Python)."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
     diffusion = DiffusionConfig().build()
-    model, clf = unet_config.build(), make_classifier().eval()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x, t = torch.randn(batch, 3, unet_config.image_size, unet_config.image_size), torch.randint(0, 4000, (batch,))
-    cond_fn = multi_guidance([clf], [[30.0, 30.0]])
-    sampler = diffusion.respace(64)
-    steps = {
-        "training step": lambda: (opt.zero_grad(), diffusion.training_losses(model, x, t)["loss"].mean().backward(),
-                                  opt.step()),
-        "guided sampling step": lambda: sampler.p_sample(model, x, torch.full((batch,), 32), cond_fn=cond_fn),
-    }
-    for name, fn in steps.items():
-        fn()
-        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(3):
+    train, guided, _, _ = mode_steps(mode, unet_config, make_classifier, batch, diffusion, diffusion.respace(64),
+                                     device)
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    out = {}
+    for name, fn in (("training step", train), ("guided sampling step", guided)):
+        fn(), fn()
+        wall = timed({name: fn}, repeats, device, warmup_s=0.0)[name]
+        with torch_profile(activities=activities) as prof:
+            for _ in range(repeats):
                 fn()
-        print(f"## {name} (3 repeats, batch {batch})")
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+            if cuda:
+                torch.cuda.synchronize()
+        ops = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+        split = {}
+        for e in ops:
+            split[category(e.key)] = split.get(category(e.key), 0.0) + getattr(e, attr) / 1e3 / repeats
+        busy = sum(split.values())
+        out[name] = dict(wall_ms=1e3 * wall, busy_ms=busy, split_ms=dict(sorted(split.items(), key=lambda kv: -kv[1])))
+        print(f"## {name} ({mode}, batch {batch}, {device.type}): {1e3 * wall:.1f} ms wall, {busy:.1f} ms busy")
+        for label, ms in out[name]["split_ms"].items():
+            print(f"  {label:24s} {ms:8.2f} ms  {100 * ms / max(busy, 1e-9):5.1f}%")
+        print(prof.key_averages().table(sort_by=attr, row_limit=12))
+    return out
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=float, default=3.0, help="seconds of warm-up per timed step (and >= 3 calls)")
     p.add_argument("--cpu-batch", type=int, default=None, help="batch of the CPU-preset rows (default: the preset's)")
     p.add_argument("--paper-batch", type=int, default=2, help="batch of the paper-config rows")
     p.add_argument("--modes", default="fp32,amp,channels_last,compile",
-                   help="comma-separated: fp32, amp, channels_last, compile")
-    p.add_argument("--skip-paper", action="store_true")
+                   help=f"comma-separated modes, each parts joined by '+': {', '.join(MODE_PARTS)} "
+                        "(e.g. amp+channels_last+compile)")
+    p.add_argument("--skip-paper", action="store_true", help="no paper-config rows")
+    p.add_argument("--skip-cpu-preset", action="store_true", help="no CPU-preset rows")
     p.add_argument("--profile", action="store_true",
-                   help="torch.profiler table of one CPU-preset training step and one guided sampling step")
-    args = p.parse_args()
-    device = torch.device(args.device)
-    modes = args.modes.split(",")
-    where = (f"device {torch.cuda.get_device_name(device)} (cuDNN/cuBLAS defaults: fp32 convolutions may use TF32)"
-             if device.type == "cuda" else f"CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-                                            f"est. fp32 peak {cpu_peak_gflops():.0f} GFLOP/s")
+                   help="where the time goes (first mode of --modes): the CPU preset's steps, or with "
+                        "--skip-cpu-preset the paper config's")
+    p.add_argument("--json", default=None, help="also write the rows (or the profile) to this JSON file")
+    args = p.parse_args(argv)
+    with one_line_errors("bench.py"):
+        device = resolve_device(args.device)
+        modes = args.modes.split(",")
+        for mode in modes:
+            mode_parts(mode)
+        run_bench(args, device, modes)
+
+
+def run_bench(args, device, modes):
+    peak = None
+    if device.type == "cuda":
+        peak = 1e3 * matmul_tflops(device, torch.float16)
+        where = (f"device {torch.cuda.get_device_name(device)}, measured fp16 matmul {peak / 1e3:.0f} TFLOP/s "
+                 f"(cuDNN/cuBLAS defaults: fp32 convolutions may use TF32)")
+    else:
+        where = (f"CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+                 f"est. fp32 peak {cpu_peak_gflops():.0f} GFLOP/s")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {where}")
     demo = build_config(train_args(["--data", "circles"]))      # the demo's models, exactly as train.py builds them
     cpu_unet, cpu_clf = UNetConfig(**demo["unet"]), lambda: build_classifier(demo)
     cpu_batch = args.cpu_batch or demo["train"]["batch_size"]
+    configs = ([] if args.skip_cpu_preset else [("cpu preset 32px", cpu_unet, cpu_clf, cpu_batch, args.repeats)]) + \
+              ([] if args.skip_paper else [("paper 64px", UNetConfig(), lambda: ClassifierConfig().build(),
+                                            args.paper_batch, max(2, args.repeats // 2))])
     if args.profile:
-        return profile(cpu_unet, cpu_clf, cpu_batch)
-    print(HEADER)
-    bench_config("cpu preset 32px", cpu_unet, cpu_clf, cpu_batch, modes, args.repeats, device)
-    if not args.skip_paper:
-        bench_config("paper 64px", UNetConfig(), lambda: ClassifierConfig().build(), args.paper_batch, modes,
-                     max(2, args.repeats // 2), device)
+        _, unet_config, make_classifier, batch, repeats = configs[0]
+        result = dict(where=where, mode=modes[0], batch=batch,
+                      steps=profile(unet_config, make_classifier, batch, device, modes[0], repeats=min(repeats, 3)))
+    else:
+        print(HEADER)
+        rows = [row for name, unet_config, make_classifier, batch, repeats in configs
+                for row in bench_config(name, unet_config, make_classifier, batch, modes, repeats, device,
+                                        args.warmup, peak)]
+        result = dict(where=where, rows=rows)
+    if args.json:
+        write_json(result, args.json)
 
 
 if __name__ == "__main__":

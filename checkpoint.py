@@ -123,10 +123,13 @@ def read_config(path):
 
 
 def _upgrade(config):
-    """Configs of runs saved before T was named diffusion_steps (improved-diffusion's name) still load."""
+    """Configs of runs saved before T was named diffusion_steps (improved-diffusion's name), or before the loss type
+    was recorded (they trained L_hybrid), still load, and compare equal to the configs of their classifiers."""
     diffusion = config.get("diffusion")
     if isinstance(diffusion, dict) and "num_steps" in diffusion:
         diffusion["diffusion_steps"] = diffusion.pop("num_steps")
+    if isinstance(diffusion, dict):
+        diffusion.setdefault("loss_type", "hybrid")
     return config
 
 

@@ -16,15 +16,19 @@ import checkpoint as ckpt_io
 import cpu_preset
 from classifier import ClassifierConfig, default_channel_mult
 from cli import InputError, parse_ints
-from data import CELEBA_LAYOUT
+from data import CELEBA_LAYOUT, OFFICIAL_CROP_SCALE, parse_crop_scale
 from ddpm import DiffusionConfig
 from dit import DiTConfig
+from evaluator import filter_targets
 from unet import UNetConfig
 
 PAPER = dict(
     image_size=64,
     unet=dict(),              # UNetConfig defaults = the paper's 121M model
-    steps=250_000, batch_size=64, lr=1e-4, ema=0.9999, lr_decay=0.0,
+    # batch_size is global: the official DDPMs took 64 per GPU on 2 GPUs = 128 (paper_notes §2.2, §10); torchrun
+    # splits it (2 GPUs: 64 each); one GPU takes all 128 in one process, twice the activations of the paper's
+    # 18 GiB per GPU (fp16). The classifier's 64 is the official one-GPU batch (paper_notes §3.2).
+    steps=250_000, batch_size=128, lr=1e-4, ema=0.9999, lr_decay=0.0,
     clf=dict(model_channels=128, num_res_blocks=2, attention_resolutions=(32, 16, 8)),
     clf_steps=150_000, clf_batch_size=64, clf_lr=3e-4,
     eval_steps=100_000, eval_width=64,
@@ -76,7 +80,12 @@ def parse_args(argv=None):
     g.add_argument("--lr-decay", type=float, default=None,
                    help="fraction of the steps at the end over which the lr decays linearly to 0 (0 = constant, "
                         "the paper; default: preset)")
-    g.add_argument("--diffusion-steps", type=int, default=4000, help="T of the cosine chain")
+    g.add_argument("--diffusion-steps", type=int, default=4000, help="T of the chain")
+    g.add_argument("--noise-schedule", choices=("cosine", "linear"), default="cosine",
+                   help="β_t: cosine [IDDPM eq. 17] (every paper run) or linear [DDPM] (App. J: interpolates too)")
+    g.add_argument("--loss", choices=("hybrid", "vlb"), default="hybrid",
+                   help="hybrid: L_simple + --vb-scale·L_t [IDDPM eq. 16] (paper); vlb: T·L_t alone, also training "
+                        "the mean (App. J: did not fit; the official use_kl)")
     g.add_argument("--arch", choices=("unet", "dit"), default="unet",
                    help="denoiser: the paper's attention U-Net, or a diffusion transformer (App. J)")
     g.add_argument("--dit-hidden", type=int, default=128, help="--arch dit: token width")
@@ -88,7 +97,7 @@ def parse_args(argv=None):
                         "by the null label with this probability")
     g.add_argument("--variance", choices=("learned", "large", "small"), default="learned",
                    help="Σ_θ: learned range + L_hybrid [IDDPM] (paper), or fixed β_t (large) / β̃_t (small) with "
-                        "L_simple only [DDPM]")
+                        "L_simple only [DDPM] (App. J: interpolates too; with --loss vlb: L_vlb)")
     g.add_argument("--vb-scale", type=float, default=1.0,
                    help="weight of L_t in L_hybrid: 1 = official configs, T/1000 = paper text's λ=0.001")
     g.add_argument("--model-channels", type=int, default=None, help="U-Net base width (default: preset)")
@@ -120,14 +129,23 @@ def parse_args(argv=None):
     g.add_argument("--classifier-augment", choices=("none", "flip", "mirror"), default=None,
                    help="none (official for circles, the default there); flip (h-flip, the default for CelebA and "
                         "folders); mirror (h-flip and swap labels 0/1)")
+    g.add_argument("--classifier-crop-scale", default=None,
+                   help="random zoom by S/L in [A, B] (S an integer side), then a random L x L crop, before the flip: "
+                        "A,B or off (default: 1,1.25 for celeba and folders, the official CelebA classifiers; off "
+                        "for circles and sizes, as the official circles config)")
     g.add_argument("--classifier-intensity", type=float, default=1.0,
                    help="train the classifier on images dimmed towards black by a factor ~ U(A, 1) (circles: a dim "
                         "disc keeps its side's label; not in the paper); 1 = off")
     g = p.add_argument_group("evaluation classifier and extreme-subset filter (celeba, App. D)")
     g.add_argument("--eval-steps", type=int, default=None, help="training steps of each clean classifier")
     g.add_argument("--eval-width", type=int, default=None, help="base width of the clean classifier (ResNet)")
-    g.add_argument("--train-size", default="60000,30000,10000,5000",
-                   help="subset sizes to write (k = size/2 per side, nested)")
+    g.add_argument("--train-size", default=None,
+                   help="subset sizes to write (k = size/2 per side, nested; default 60000,30000,10000,5000)")
+    g.add_argument("--top-k", default=None, help="k per class instead: of label 0 then label 1, per attribute, "
+                   "e.g. 7000,15000 (Young) or 30000,30000,15000,15000 (two attributes); subset_<attr>_k7000-15000.txt")
+    g.add_argument("--stage1", choices=("auto", "trained", "evaluator"), default="auto",
+                   help="filter stage 1: a classifier trained on the train split, or the evaluation classifier (auto: "
+                        "it for Young, standing in for the paper's FaRL face model; trained for the others)")
     g.add_argument("--tau1", type=float, default=0.95, help="stage-1 confidence threshold")
     g.add_argument("--tau2", type=float, default=0.9999, help="ensemble confidence threshold")
     g.add_argument("--members", type=int, default=5, help="ensemble size")
@@ -192,6 +210,7 @@ def build_config(args):
     return dict(
         data=data,
         diffusion=asdict(DiffusionConfig(diffusion_steps=args.diffusion_steps, vb_scale=args.vb_scale,
+                                         schedule=args.noise_schedule, loss_type=args.loss,
                                          learn_sigma=learned, sigma_small=args.variance == "small")),
         unet=asdict(unet_config),
         arch=args.arch,
@@ -212,7 +231,9 @@ def build_config(args):
                               batch_size=args.classifier_batch_size or preset["clf_batch_size"],
                               lr=args.classifier_lr or preset["clf_lr"], seed=args.seed,
                               augment=args.classifier_augment or ("none" if args.data in ("circles", "sizes") else "flip"),
-                              intensity=args.classifier_intensity),
+                              intensity=args.classifier_intensity,
+                              crop_scale=(parse_crop_scale(args.classifier_crop_scale) if args.classifier_crop_scale
+                                          else OFFICIAL_CROP_SCALE if args.data in ("celeba", "folder") else None)),
     )
 
 
@@ -258,6 +279,13 @@ def check_run(args, config, device, world, what, out, clf_name):
         raise InputError(f"--ema is the EMA rate, in (0, 1), got {args.ema}")
     if not 0 <= args.vb_scale < float("inf"):
         raise InputError(f"--vb-scale is the weight of L_t, a number >= 0, got {args.vb_scale}")
+    if args.loss == "vlb" and args.vb_scale != 1:
+        raise InputError("--vb-scale weighs L_t in L_hybrid; --loss vlb trains on T·L_t alone: drop --vb-scale")
+    if config["diffusion"]["schedule"] == "linear" and T <= 20:
+        raise InputError(f"--noise-schedule linear needs --diffusion-steps > 20 (its last β is 20/T), got {T}")
+    if config["data"]["name"] == "sizes" and config["classifier_train"]["crop_scale"]:
+        raise InputError("--classifier-crop-scale zooms the image, and sizes labels the disc's size: pass "
+                         "--classifier-crop-scale off")
     if args.eval_samples < 0:
         raise InputError(f"--eval-samples must be >= 0 (0 = no samples after training), got {args.eval_samples}")
     if not 0 <= args.cfg_dropout < 1:
@@ -276,9 +304,7 @@ def check_run(args, config, device, world, what, out, clf_name):
         raise InputError(f"{given} {config['sample_steps']} must be in 1..{T} (--diffusion-steps {T}): pass "
                         f"--sample-steps between 1 and {T}, or more --diffusion-steps")
     if args.what == "filter":
-        sizes = parse_ints(args.train_size, "--train-size")
-        if min(sizes) < 2:
-            raise InputError(f"--train-size takes subset sizes >= 2 (k = size/2 per side), got {args.train_size}")
+        filter_targets(args.train_size, args.top_k, len(config["data"]["attrs"]))
         for name, tau in (("--tau1", args.tau1), ("--tau2", args.tau2)):
             if not 0 < tau < 1:
                 raise InputError(f"{name} is a confidence threshold, in (0, 1); got {tau}")

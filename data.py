@@ -22,14 +22,16 @@ EXIF orientation applied, 16-bit samples scaled (v >> 8), transparency composite
 """
 import functools
 import io
+import math
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageCms, ImageDraw, ImageOps
 
-from cli import InputError
+from cli import InputError, parse_ints
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -374,9 +376,62 @@ def to_uint8(x):
     return ((x.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+# The official CelebA guidance classifiers' zoom range (guided-diffusion's random_crop_arr, min_crop_frac 0.8).
+OFFICIAL_CROP_SCALE = (1.0, 1.25)
+
+
+def parse_crop_scale(text):
+    """--classifier-crop-scale: "off" -> None; "A,B" -> (A, B), zoom factors 1 <= A <= B. Raises InputError."""
+    scale = None if text.strip().lower() == "off" else parse_ints(text, "--classifier-crop-scale", float)
+    if scale is not None and not (len(scale) == 2 and 1 <= scale[0] <= scale[1] < float("inf")):
+        raise InputError(f"--classifier-crop-scale takes `off` or two zoom factors A,B with 1 <= A <= B "
+                         f"(official CelebA: 1,1.25), got {text!r}")
+    return scale
+
+
+def resized_crop(x, sizes, offsets):
+    """Zoom and crop (guided-diffusion's classifier augmentation): image i of x (float [N, C, L, L]) upscaled
+    bicubically to sizes[i]² pixels (int [N], each >= L), then the L × L window at offsets[i] = (top, left) (int
+    [N, 2], each in 0..sizes[i] - L) cut out, clamped to [-1, 1] (the official uint8 image clips); shape, dtype kept.
+
+    Equals F.interpolate(x[i:i+1], size=S, mode="bicubic", align_corners=False)[..., top:top+L, left:left+L],
+    computed for the whole batch in one grid_sample: output pixel j samples the input at (o + j + 0.5)·L/S - 0.5
+    (pixel units). Torch's bicubic kernel (a = -0.75, edge pixels repeated) stands in for PIL's (a = -0.5) of the
+    official code. Images with sizes[i] == L come back unchanged, bit for bit. Raises ValueError on non-square x.
+    """
+    h, w = x.shape[-2:]
+    if h != w:
+        raise ValueError(f"resized_crop takes square images, got {h}x{w}")
+    zoom = sizes > w
+    if not zoom.any():
+        return x
+    s, o = sizes[zoom].to(x.dtype), offsets[zoom].to(x.dtype)
+    theta = torch.zeros(len(s), 2, 3, dtype=x.dtype)
+    theta[:, 0, 0] = theta[:, 1, 1] = w / s          # normalised coords: g = (L/S)·b + (L + 2o)/S - 1
+    theta[:, 0, 2] = (w + 2 * o[:, 1]) / s - 1       # x: the left offset
+    theta[:, 1, 2] = (w + 2 * o[:, 0]) / s - 1       # y: the top offset
+    grid = F.affine_grid(theta.to(x.device), [len(s), x.shape[1], h, w], align_corners=False)
+    out = x.clone()
+    out[zoom] = F.grid_sample(x[zoom], grid, mode="bicubic", padding_mode="border", align_corners=False).clamp(-1, 1)
+    return out
+
+
+def random_resized_crop(x, scale, generator):
+    """resized_crop with the official CelebA classifier's draws (random_crop_arr, docs/paper_notes.md §3.2): per
+    image an integer side S ~ U{⌈A·L⌉..⌈B·L⌉} for scale = (A, B) (L = 64, (1, 1.25): S in 64..80), then top and
+    left offsets each ~ U{0..S-L}; all from `generator`. x: float [N, C, L, L]."""
+    n, side = x.shape[0], x.shape[-1]
+    lo, hi = (math.ceil(side * f - 1e-9) for f in scale)
+    sizes = torch.randint(lo, hi + 1, (n,), generator=generator)
+    offsets = (torch.rand(n, 2, generator=generator) * (sizes - side + 1)[:, None]).long()
+    return resized_crop(x, sizes, offsets)
+
+
 class Batches:
     """Endless random minibatches from an in-memory uint8 dataset, reproducible from a torch.Generator.
 
+    crop_scale=(A, B): a random zoom by S/L ∈ [A, B] and crop back to L × L first (`random_resized_crop`; the
+    official CelebA guidance classifiers use (1, 1.25)); None: off.
     flip: random horizontal flips; flip_labels swaps class 0 and 1 of the flipped examples (circles: the
     mirror image of a left circle is a right circle). shard=(rank, world) keeps every world-th example.
     intensity=a < 1: each image's pixels are brought towards black, x -> -1 + s (x + 1) with s ~ U(a, 1)
@@ -384,12 +439,14 @@ class Batches:
     """
 
     def __init__(self, images, labels, batch_size, flip=False, flip_labels=False, seed=0, shard=(0, 1),
-                 intensity=1.0):
+                 intensity=1.0, crop_scale=None):
         if batch_size < 1:
             raise InputError(f"batch size must be at least 1, got {batch_size}")
         if not 0 <= intensity <= 1:
             raise InputError(f"intensity augmentation takes a minimum scale in [0, 1] (1 = off), got {intensity}")
-        self.intensity = intensity
+        if crop_scale is not None and not 1 <= crop_scale[0] <= crop_scale[1]:
+            raise InputError(f"the crop augmentation takes zoom factors 1 <= A <= B, got {crop_scale}")
+        self.intensity, self.crop_scale = intensity, crop_scale
         rank, world = shard
         self.images = torch.as_tensor(images[rank::world]).permute(0, 3, 1, 2).contiguous()
         self.labels = torch.as_tensor(labels[rank::world])
@@ -405,6 +462,8 @@ class Batches:
     def __next__(self):
         idx = torch.randint(0, len(self.labels), (self.batch_size,), generator=self.generator)
         x, y = self.images[idx].float() / 127.5 - 1, self.labels[idx].clone()
+        if self.crop_scale is not None:   # crop, then flip: the official order
+            x = random_resized_crop(x, self.crop_scale, self.generator)
         if self.flip:
             flip = torch.rand(self.batch_size, generator=self.generator) < 0.5
             x[flip] = x[flip].flip(-1)

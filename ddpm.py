@@ -6,6 +6,8 @@ Implements [ZSI] App. A, which follows [DDPM] and [IDDPM]:
   q(x_{t-1} | x_t, x_0)         [DDPM eq. 6-7]   (ZSI eq. 5 is mistyped) -> GaussianDiffusion.q_posterior_mean_variance
   learned-range variance        [IDDPM eq. 15]                    -> GaussianDiffusion.p_mean_variance
   L_hybrid = L_simple + λ L_vlb [IDDPM eq. 16]                    -> GaussianDiffusion.training_losses
+  L_vlb alone (App. J)          [IDDPM eq. 4-6]                   -> training_losses, loss_type="vlb"
+  linear schedule (App. J)      [DDPM sec. 4]                     -> linear_betas
   ancestral sampling            [DDPM Alg. 2]                     -> GaussianDiffusion.p_sample_loop
   classifier guidance           [ADM Alg. 1]  = [ZSI eq. 2-3]     -> GaussianDiffusion.condition_mean
   DDIM                          [DDIM eq. 12]                     -> GaussianDiffusion.ddim_sample_loop
@@ -44,7 +46,13 @@ def cosine_betas(num_timesteps, s=0.008, max_beta=0.999):
 
 
 def linear_betas(num_timesteps):
-    """[DDPM] linear schedule 1e-4..0.02, rescaled so any T gives the same shape as T = 1000."""
+    """[DDPM sec. 4] linear schedule, β rising linearly from 1e-4 to 0.02 over T = 1000 steps, rescaled for any T
+    as improved-diffusion's "linear" schedule: β_i = s·1e-4 + i·s·(0.02 - 1e-4)/(T-1), s = 1000/T, i = 0..T-1
+    (T = 4000: 2.5e-5 .. 5e-3). [ZSI] App. J: interpolation occurs with it too. Float64 [T].
+    Raises ValueError for T <= 20, where the last β = 20/T would reach 1 or more.
+    """
+    if num_timesteps <= 20:
+        raise ValueError(f"the linear schedule needs T > 20 (its last β is 20/T), got T = {num_timesteps}")
     scale = 1000 / num_timesteps
     return np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64)
 
@@ -125,6 +133,10 @@ def mean_flat(x):
 # The diffusion
 # ---------------------------------------------------------------------------------------------------
 
+SCHEDULES = {"cosine": cosine_betas, "linear": linear_betas}
+LOSS_TYPES = ("hybrid", "vlb")
+
+
 @dataclass
 class DiffusionConfig:
     """Everything needed to rebuild a GaussianDiffusion; saved next to every checkpoint."""
@@ -133,11 +145,13 @@ class DiffusionConfig:
     learn_sigma: bool = True     # learned-range variance + hybrid loss [IDDPM]; False: fixed β_t
     sigma_small: bool = False    # with learn_sigma=False: β̃_t instead of β_t
     vb_scale: float = 1.0        # 1 = official configs (rescale_learned_sigmas: false); T/1000 = paper's λ=0.001
+    loss_type: str = "hybrid"    # "hybrid" L_simple + vb_scale·L_t (every paper run); "vlb": T·L_t alone (App. J)
 
     def build(self):
-        betas = {"cosine": cosine_betas, "linear": linear_betas}[self.schedule](self.diffusion_steps)
-        return GaussianDiffusion(betas, learn_sigma=self.learn_sigma, sigma_small=self.sigma_small,
-                         vb_scale=self.vb_scale)
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown noise schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        return GaussianDiffusion(SCHEDULES[self.schedule](self.diffusion_steps), learn_sigma=self.learn_sigma,
+                                 sigma_small=self.sigma_small, vb_scale=self.vb_scale, loss_type=self.loss_type)
 
 
 class GaussianDiffusion:
@@ -147,12 +161,16 @@ class GaussianDiffusion:
     `learn_sigma` (ε̂ then v) and C channels otherwise; t is the original integer timestep.
     """
 
-    def __init__(self, betas, learn_sigma=True, sigma_small=False, vb_scale=1.0, timestep_map=None):
+    def __init__(self, betas, learn_sigma=True, sigma_small=False, vb_scale=1.0, timestep_map=None,
+                 loss_type="hybrid"):
         betas = np.asarray(betas, dtype=np.float64)
         assert betas.ndim == 1 and (betas > 0).all() and (betas <= 1).all(), "betas must lie in (0, 1]"
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"unknown loss type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
         self.betas = betas
         self.num_timesteps = len(betas)
         self.learn_sigma, self.sigma_small, self.vb_scale = learn_sigma, sigma_small, vb_scale
+        self.loss_type = loss_type
         self.timestep_map = np.arange(self.num_timesteps) if timestep_map is None else np.asarray(timestep_map)
 
         self.alphas = 1.0 - betas
@@ -197,7 +215,7 @@ class GaussianDiffusion:
             betas.append(1.0 - self.alphas_cumprod[k] / last)
             last = self.alphas_cumprod[k]
         return GaussianDiffusion(np.array(betas), learn_sigma=self.learn_sigma, sigma_small=self.sigma_small,
-                         vb_scale=self.vb_scale, timestep_map=self.timestep_map[kept])
+                         vb_scale=self.vb_scale, timestep_map=self.timestep_map[kept], loss_type=self.loss_type)
 
     # ----- forward process -----
     def q_sample(self, x0, t, noise=None):
@@ -256,20 +274,29 @@ class GaussianDiffusion:
 
     # ----- training -----
     def training_losses(self, model, x0, t, noise=None, model_kwargs=None):
-        """Per-example L_hybrid = L_simple + vb_scale · L_t [IDDPM eq. 16]. Returns dict(loss, mse, vb).
+        """Per-example training loss at timesteps t [N] for x0 [N, C, H, W]. Returns dict(loss, mse, vb), each [N].
 
-        mse: mean over pixels of (ε - ε̂)². vb: the single-step term of L_vlb in bits/dim,
+        mse: mean over pixels of (ε - ε̂)². vb: the single-step term L_t of L_vlb in bits/dim,
         KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for t > 0 and the discretized-Gaussian decoder NLL at t = 0.
-        vb sees ε̂ through a stop-gradient, so it trains only the variance and L_simple alone drives the
-        mean ([IDDPM sec. 3.1]: the vlb term is too noisy to train the mean).
-        The official configs add vb unscaled (vb_scale=1: weight 1/T on the full L_vlb, since
-        L_vlb ≈ T·L_t); the paper text's λ = 0.001 is vb_scale = T/1000.
+
+        loss_type "hybrid": L_hybrid = L_simple + vb_scale · L_t [IDDPM eq. 16]. vb sees ε̂ through a
+        stop-gradient, so it trains only the variance and L_simple alone drives the mean ([IDDPM sec. 3.1]: the
+        vlb term is too noisy to train the mean). The official configs add vb unscaled (vb_scale=1: weight 1/T on
+        the full L_vlb, since L_vlb ≈ T·L_t); the paper text's λ = 0.001 is vb_scale = T/1000. With fixed
+        variance (learn_sigma=False) vb is 0 and the loss is L_simple [DDPM eq. 14].
+        loss_type "vlb" ([ZSI] App. J: it "did not fit the training distribution well"): loss = T · L_t with no
+        stop-gradient, so L_vlb trains the mean and the (learned) variance; t ~ U{0..T-1} makes T·L_t an unbiased
+        one-sample estimate of L_vlb - L_T [IDDPM eq. 4-6] in bits/dim (improved-diffusion's RESCALED_KL, what
+        the official code's use_kl selects). mse is then only reported (detached); vb_scale is not used.
         """
         noise = torch.randn_like(x0) if noise is None else noise
         x_t = self.q_sample(x0, t, noise)
         out = self._call(model, x_t, t, **(model_kwargs or {})).float()
         c = x0.shape[1]
         mse = mean_flat((noise - out[:, :c]) ** 2)
+        if self.loss_type == "vlb":
+            vb = self.vb_terms_bpd(x0, x_t, t, model_output=out)
+            return dict(loss=self.num_timesteps * vb, mse=mse.detach(), vb=vb)
         if not self.learn_sigma:
             vb = torch.zeros_like(mse)
         else:

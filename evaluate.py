@@ -22,7 +22,7 @@ import torch
 
 import checkpoint as ckpt_io
 from cli import InputError
-from data import circles_dataset, load_data, make_grid, render_circles, sizes_dataset, to_float
+from data import circles_dataset, make_grid, render_circles, sizes_dataset, to_float
 from device import host_info
 
 
@@ -121,95 +121,27 @@ def uniformity_report(values, bins=100):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Sample quality (App. I): FID, precision / recall; memorisation (App. H): nearest training images
+# Sample files: guided-diffusion's layout
 # ---------------------------------------------------------------------------------------------------
 
-def _sqrt_psd(m):
-    w, v = np.linalg.eigh((m + m.T) / 2)
-    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+def save_samples(path, images, **meta):
+    """Write uint8 images [N, H, W, C] once (compressed) to the .npz `path` under `arr_0`, as guided-diffusion's
+    evaluation suite and the paper's scripts read samples (docs/paper_notes.md §0); `meta` (λs, seed) as further
+    keys. Raises ValueError for another dtype or shape."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise ValueError(f"samples are uint8 [N, H, W, C]; got {images.dtype} {images.shape}")
+    np.savez_compressed(path, arr_0=images, **meta)
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """||μ1 - μ2||² + Tr(Σ1 + Σ2 - 2 (Σ1^½ Σ2 Σ1^½)^½), the Fréchet distance of two Gaussians [FID]."""
-    s1 = _sqrt_psd(np.asarray(sigma1, np.float64))
-    cross = np.linalg.eigvalsh(s1 @ np.asarray(sigma2, np.float64) @ s1)
-    diff = np.asarray(mu1, np.float64) - np.asarray(mu2, np.float64)
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.sqrt(np.clip(cross, 0, None)).sum())
-
-
-def fid(features_a, features_b):
-    """FID between two feature sets [N, D] (any extractor: Inception when supplied, else the classifier's)."""
-    stats = [(f.mean(0), np.cov(f, rowvar=False)) for f in (np.asarray(features_a, np.float64),
-                                                             np.asarray(features_b, np.float64))]
-    return frechet_distance(*stats[0], *stats[1])
-
-
-def _pairwise_sq(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.maximum((a * a).sum(1)[:, None] + (b * b).sum(1)[None] - 2 * a @ b.T, 0)
-
-
-def precision_recall(real, fake, k=3):
-    """Improved precision / recall [Kynkäänniemi et al. 2019]: precision = fraction of fake features inside
-    some real feature's k-NN ball, recall = fraction of real features inside some fake feature's ball."""
-    def coverage(ref, query):
-        d_ref = _pairwise_sq(ref, ref)
-        radii = np.sort(d_ref, axis=1)[:, k]                 # column 0 is the point itself
-        return float((_pairwise_sq(query, ref) <= radii[None]).any(1).mean())
-    return coverage(real, fake), coverage(fake, real)
-
-
-def cosine_nearest(queries, references, exclude_self=False):
-    """(index, cosine distance) of each query's nearest reference (App. H memorisation check)."""
-    q = np.asarray(queries, np.float64)
-    r = np.asarray(references, np.float64)
-    q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
-    r = r / np.maximum(np.linalg.norm(r, axis=1, keepdims=True), 1e-12)
-    dist = 1 - q @ r.T
-    if exclude_self:
-        np.fill_diagonal(dist, np.inf)
-    idx = dist.argmin(1)
-    return idx, dist[np.arange(len(q)), idx]
-
-
-def plot_nearest(samples, train_images, idx, dist, train_dist, path, n=16):
-    """Closest sample/training pairs (top row samples, bottom row their nearest training images) and the
-    distribution of sample->train vs train->train nearest-neighbour distances."""
-    plt = _pyplot()
-    order = np.argsort(dist)[:n]
-    pairs = np.concatenate([samples[order], train_images[idx[order]]])
-    fig, axes = plt.subplots(1, 2, figsize=(12, 3.6), gridspec_kw=dict(width_ratios=[1.6, 1]))
-    axes[0].imshow(make_grid(pairs, nrow=len(order)), interpolation="nearest")
-    axes[0].set_title("closest samples (top) and their nearest training images (bottom)", fontsize=9)
-    axes[0].axis("off")
-    span = (0, max(dist.max(), train_dist.max()) * 1.05 + 1e-9)
-    axes[1].hist(train_dist, bins=40, range=span, alpha=0.5, density=True, label="train -> nearest other train")
-    axes[1].hist(dist, bins=40, range=span, alpha=0.5, density=True, label="sample -> nearest train")
-    axes[1].set_xlabel("cosine distance")
-    axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def quality_report(samples, train_images, reference_images, extractors, out):
-    """FID / precision / recall of the samples against `reference_images` and the memorisation check against
-    `train_images`, in every feature space of `extractors` ({name: uint8 images -> [N, D] array}).
-
-    Writes nearest_<name>.png; returns a flat dict of numbers.
-    """
-    report = {}
-    for name, features in extractors.items():
-        f_samples, f_ref, f_train = features(samples), features(reference_images), features(train_images)
-        report[f"fid_{name}"] = fid(f_ref, f_samples)
-        report[f"precision_{name}"], report[f"recall_{name}"] = precision_recall(f_ref, f_samples)
-        idx, dist = cosine_nearest(f_samples, f_train)
-        _, train_dist = cosine_nearest(f_train, f_train, exclude_self=True)
-        report[f"nn_distance_median_{name}"] = float(np.median(dist))
-        report[f"train_nn_distance_median_{name}"] = float(np.median(train_dist))
-        report[f"nn_closer_than_any_train_pair_{name}"] = float((dist < train_dist.min()).mean())
-        plot_nearest(samples, train_images, idx, dist, train_dist, Path(out) / f"nearest_{name}.png")
-    return report
+def load_samples(path):
+    """uint8 images [N, H, W, C] of a sample file: `arr_0` (save_samples) or `images` (the project's older files).
+    Raises InputError when it holds neither."""
+    with np.load(path) as f:
+        for key in ("arr_0", "images"):
+            if key in f.files:
+                return f[key]
+    raise InputError(f"{path} holds no samples (no key arr_0 or images); pass a samples.npz of sample.py")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -395,7 +327,7 @@ def circles_pictures(samples, x, label, data_config, run, out, classifiers, devi
     hists = {"training data": pos[:, 0] / d["image_size"]}
     unguided = run / "ddpm_samples.npz"
     if unguided.exists():
-        unguided = np.load(unguided)["images"]
+        unguided = load_samples(unguided)
         hists["unguided"] = circle_metrics(unguided)["x"]
     hists[label] = x
     plot_histograms(hists, out / "histogram_x.png", "circle centre x / W (single-circle samples)")
@@ -410,30 +342,3 @@ def circles_pictures(samples, x, label, data_config, run, out, classifiers, devi
         maps[n], coords = classifier_heatmap(clf, d["image_size"], d["radius"], device=device)
     if maps:
         plot_heatmaps(maps, coords, out / "heatmaps.png", d["image_size"])
-
-
-def feature_extractors(classifier_path, device, batch_size=256):
-    """{name: uint8 images -> [N, D]}: raw pixels and the guidance classifier's penultimate features at t = 0
-    (CLIP / Inception are not available offline; pass your own extractor to quality_report)."""
-    extractors = {"pixels": lambda imgs: imgs.reshape(len(imgs), -1).astype(np.float32) / 127.5 - 1}
-    if classifier_path is not None and Path(classifier_path).exists():
-        clf, _ = ckpt_io.load_classifier(classifier_path, device)
-
-        def clf_features(imgs):
-            with torch.no_grad():
-                return np.concatenate([clf.features(to_float(imgs[i:i + batch_size]).to(device),
-                                                    torch.zeros(len(imgs[i:i + batch_size]), dtype=torch.long,
-                                                                device=device)).cpu().numpy()
-                                       for i in range(0, len(imgs), batch_size)])
-        extractors["classifier"] = clf_features
-    return extractors
-
-
-def run_quality_report(samples, data_config, classifier_path, out, device):
-    """quality_report of a run's samples: against every circle position (circles: the interpolation target) or
-    the training set, in pixel and guidance-classifier feature space (App. H, I)."""
-    train_images, _ = load_data(data_config)
-    d = data_config
-    reference = circles_dataset(d["image_size"], d["radius"], d["delta"], full_range=True)[0] \
-        if d["name"] == "circles" else train_images
-    return quality_report(samples, train_images, reference, feature_extractors(classifier_path, device), out)

@@ -14,7 +14,7 @@ import torch
 
 from cli import InputError
 from data import circles_dataset, load_images, save_grid, to_float, to_uint8
-from evaluate import circle_metrics, detect_circles, plot_histograms, write_report
+from evaluate import circle_metrics, detect_circles, plot_histograms, save_samples, write_report
 from generate import sampling_model
 
 
@@ -138,7 +138,7 @@ def run_inversion(args, real, model, diffusion, cond_fn, dc, config, run, out, d
         gen = torch.Generator().manual_seed(args.seed)
         edited = to_uint8(edit(diffusion, net, x, t_stop, cond_fn, generator=gen))
         save_grid(np.concatenate([real[:16], edited[:16]]), out / "edit.png", nrow=min(16, len(real)), scale=scale)
-        np.savez_compressed(out / "samples.npz", images=edited, originals=real)
+        save_samples(out / "samples.npz", edited, originals=real)
         if circles:
             before, after = detect_circles(real), detect_circles(edited)
             moved = [abs(a[1][0, 0] - b[1][0, 0]) >= 2 for b, a in zip(before, after) if a[0] == 1 and b[0] == 1]

@@ -7,10 +7,10 @@
 
 Everything is rebuilt from the run folder (config and checkpoints). Writes a new folder
 <run>/samples/<tag>/ (never overwriting one, unless --overwrite; filled under a temporary name and renamed when
-complete, so a failed run leaves nothing behind) with samples.npz (key `images`: uint8
-N×H×W×3, plus `lambdas`, `seed`, `classifiers`), grid.png, report.json/report.md (with the host, AMP mode and
-torch version), and for circles the histogram of circle centres (training data vs unguided vs guided) and the
-classifier heatmaps (Fig. 7b).
+complete, so a failed run leaves nothing behind) with samples.npz (key `arr_0`: uint8 N×H×W×3, guided-diffusion's
+layout, plus `lambdas`, `seed`, `classifiers`), grid.png, report.json/report.md (with the host, AMP mode and torch
+version), and for circles the histogram of circle centres (training data vs unguided vs guided) and the classifier
+heatmaps (Fig. 7b).
 
   torchrun --nproc_per_node 4 sample.py --run-dir runs/circles --lambdas 30,30   # 4 processes/GPUs, same samples
 """
@@ -19,7 +19,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import checkpoint as ckpt_io
@@ -28,9 +27,10 @@ from cli import InputError, one_line_errors, parse_lambdas
 from cpu_preset import guidance_window
 from data import save_grid
 from device import amp_default, resolve_device, setup_distributed
-from evaluate import circles_sample_report, run_quality_report, sizes_sample_report, write_report
+from evaluate import circles_sample_report, save_samples, sizes_sample_report, write_report
 from evaluator import attribute_report, evaluator_paths
 from generate import dc_prior, default_batch_size, generate
+from quality import quality_inputs, run_quality_report
 from guidance import multi_guidance
 
 
@@ -72,11 +72,14 @@ def parse_args(argv=None):
                    help="run the U-Net in channels_last memory format (faster on CPU and GPU)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--evaluator", action="append", default=None,
-                   help="evaluation classifier .pt (celeba; default: the run's evaluator_<attr>.pt); two for the "
-                        "two-attribute heatmap (Fig. 9)")
+                   help="evaluation classifier .pt (celeba; default: evaluator_<attr>.pt in the run or in its subset "
+                        "file's folder, else an error); two for the two-attribute heatmap (Fig. 9)")
     g.add_argument("--quality", action="store_true",
-                   help="also FID / precision / recall (App. I) and nearest training images (App. H) in pixel and "
-                        "classifier-feature space")
+                   help="also FID / precision / recall (App. I) and nearest training images (App. H) in pixel, "
+                        "classifier-feature and (with --inception-weights) FID Inception space")
+    g.add_argument("--reference", action="append", default=None, metavar="[NAME=]FILE",
+                   help="--quality against the train images of a CelebA index file; repeatable (App. I: full=, mild=)")
+    g.add_argument("--inception-weights", metavar="PTH", help="--quality: the standard FID, pytorch-fid's weight file")
     g = p.add_argument_group("DDIM inversion (App. M, N)")
     g.add_argument("--interpolate", action="store_true",
                    help="App. M: invert two real images (--images, or a left and a right training circle) to "
@@ -158,6 +161,8 @@ def check_flags(args, config, T, classifiers, cfg_classes, world):
                                         ("--evaluator", bool(args.evaluator))) if on]
         if unused:
             raise InputError(f"--interpolate / --edit run their own DDIM schedule and report; drop {', '.join(unused)}")
+    if (args.reference or args.inception_weights) and not args.quality:
+        raise InputError("--reference / --inception-weights choose what --quality measures: add --quality")
     if args.quality and (args.num_samples or 4) < 4:
         raise InputError(f"--quality compares each sample with its 3 nearest neighbours: it needs --num-samples 4 "
                          f"or more, got {args.num_samples}")
@@ -210,6 +215,8 @@ def main(argv=None):
         dc = dc_run if args.dc_correction is None else args.dc_correction
         cfg_classes = ckpt_io.backbone_config(config).get("num_classes", 0) - 1
         real = check_flags(args, config, diffusion.num_timesteps, classifiers, cfg_classes, world)
+        evaluators = [] if real is not None else evaluator_paths(args.evaluator, config["data"], run)   # or fail now
+        quality = quality_inputs(args.reference, args.inception_weights, config["data"], device) if args.quality else {}
         prior = dc_prior(config, dc)
         circles = config["data"]["name"] == "circles"
         n = args.num_samples or (1000 if circles else 10000)
@@ -248,8 +255,8 @@ def main(argv=None):
         if rank != 0:
             return out
     with ckpt_io.staged_output(out) as tmp:     # written into a temporary folder, renamed when complete
-        np.savez_compressed(tmp / "samples.npz", images=samples, lambdas=json.dumps(lambdas), seed=args.seed,
-                            batch_size=args.batch_size, classifiers=json.dumps([str(p) for _, p in named_paths]))
+        save_samples(tmp / "samples.npz", samples, lambdas=json.dumps(lambdas), seed=args.seed,
+                     batch_size=args.batch_size, classifiers=json.dumps([str(p) for _, p in named_paths]))
         save_grid(samples[:100], tmp / "grid.png", nrow=10, scale=max(1, 128 // samples.shape[1]))
         report = dict(run=str(run), guidance=tag, lambdas=json.dumps(lambdas), steps=args.sample_steps,
                       sampler="ddim" if args.ddim else "ancestral", dc_correction=dc, guide_at=args.guide_at,
@@ -260,13 +267,12 @@ def main(argv=None):
                                                 tmp, named_paths, device, args.heatmaps, seconds))
         if config["data"]["name"] == "sizes":
             report.update(sizes_sample_report(samples, config["data"], tag, tmp))
-        evaluators = evaluator_paths(args.evaluator, config["data"], run)
         if evaluators:
             label = "unguided" if not classifiers and args.cfg_scale is None else tag
             report.update(attribute_report(samples, evaluators, config["data"], run, tmp, label, device))
         if args.quality:
             report.update(run_quality_report(samples, config["data"], named_paths[0][1] if named_paths
-                                             else run / "classifier.pt", tmp, device))
+                                             else run / "classifier.pt", tmp, device, **quality))
         write_report(report, tmp, f"Samples of {run}: {tag}", device=device, amp=args.amp)
     print(f"done: {out}", flush=True)
     return out

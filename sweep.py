@@ -23,8 +23,9 @@ from evaluate import _pyplot, host_line
 FAMILIES = {
     "uniformity (evaluation classifier)": ("kld_paper", "mse_paper", "kld_01", "l2_01"),
     "circles": ("accuracy_middle", "zero_or_multi"),
-    "FID (log scale)": ("fid_pixels", "fid_classifier"),
-    "precision / recall": ("precision_pixels", "recall_pixels", "precision_classifier", "recall_classifier"),
+    "FID (log scale)": ("fid_pixels", "fid_classifier", "fid_inception"),
+    "precision / recall": ("precision_pixels", "recall_pixels", "precision_classifier", "recall_classifier",
+                           "precision_inception", "recall_inception"),
 }
 
 
@@ -47,13 +48,17 @@ def row_of(report):
             v = report.get(f"{k}_{label}", report.get(k))
             if isinstance(v, (int, float)):
                 row[k] = float(v)
+            for key, v in report.items():      # per reference set (App. I: fid_inception_full, fid_inception_mild)
+                if key.startswith(f"{k}_") and key != f"{k}_{label}" and isinstance(v, (int, float)):
+                    row[key] = float(v)
     return row
 
 
 def plot(rows, path):
     plt = _pyplot()
     lam = [r["lambda"] for r in rows]
-    panels = [(title, [k for k in keys if all(k in r for r in rows)]) for title, keys in FAMILIES.items()]
+    panels = [(title, [k for k in rows[0] if any(k == f or k.startswith(f"{f}_") for f in keys)
+                       and all(k in r for r in rows)]) for title, keys in FAMILIES.items()]
     panels = [(t, ks) for t, ks in panels if ks]
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.5 * max(1, len(panels)), 3.4), squeeze=False)
     for ax, (title, keys) in zip(axes[0], panels):

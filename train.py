@@ -24,19 +24,18 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import checkpoint as ckpt_io
 import config as run_config
 from classifier import converge_spectral_norm, noisy_classifier_loss
-from cli import TrainingError, format_time, one_line_errors, parse_ints
+from cli import TrainingError, format_time, one_line_errors
 from cpu_preset import channel_mean_stats
 from data import Batches, load_data, save_grid
 from device import amp_default, autocast, check_in_sync, resolve_device, setup_distributed
-from evaluate import classifier_heatmap, plot_heatmaps, unguided_circles_report, write_report
-from evaluator import filter_run, train_evaluator_run
+from evaluate import classifier_heatmap, plot_heatmaps, save_samples, unguided_circles_report, write_report
+from evaluator import filter_run, filter_targets, train_evaluator_run
 from generate import dc_prior, generate
 from unet import count_parameters
 
@@ -111,7 +110,7 @@ def fit(kind, model, loss_fn, batches, *, steps, lr, ema_rate, amp, device, path
     net = model
     if world > 1:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    part = slice(rank * batches.batch_size // world, (rank + 1) * batches.batch_size // world)
+    part = rank_part(batches.batch_size, rank, world)
     params = [p for p in model.parameters()]
     model.train()
     t0, step0, bad, logs = time.time(), step, 0, {}
@@ -162,6 +161,11 @@ def fit(kind, model, loss_fn, batches, *, steps, lr, ema_rate, amp, device, path
     if world > 1:
         check_in_sync(model, label, world)
     return model, ema
+
+
+def rank_part(batch_size, rank, world):
+    """This rank's rows of the global batch (--batch-size is global: the paper preset's 128 = 64 on each of 2 GPUs)."""
+    return slice(rank * batch_size // world, (rank + 1) * batch_size // world)
 
 
 def draw_t_noise(gen, x, num_timesteps, part):
@@ -223,7 +227,7 @@ def train_ddpm(config, out, args, device, data, dist=(0, 1), beside=None):
         ema.eval()
         samples = generate(ema, diffusion.respace(config["sample_steps"]), args.eval_samples, amp=tc["amp"],
                            device=device, seed=tc["seed"], channels_last=True, dc=dc_prior(config))
-        np.savez_compressed(out / "ddpm_samples.npz", images=samples)
+        save_samples(out / "ddpm_samples.npz", samples)
         save_grid(samples[:100], out / "ddpm_samples.png", nrow=10, scale=max(1, 128 // samples.shape[1]))
         if config["data"]["name"] == "circles":
             report = dict(unguided_circles_report(samples), seed=tc["seed"])
@@ -243,11 +247,11 @@ def train_classifier(config, out, args, device, name, data, dist=(0, 1)):
     sn = " with spectral norm (lipschitz %g)" % config["classifier"]["lipschitz"] if config["classifier"]["spectral_norm"] else ""
     intensity = ctrain.get("intensity", 1.0)           # absent from configs of older runs
     print(f"[{name}] classifier {count_parameters(model) / 1e6:.2f}M parameters{sn}, "
-          f"{ctrain['steps']} steps, augment {ctrain['augment']}"
+          f"{ctrain['steps']} steps, augment {ctrain['augment']}, crop {ctrain.get('crop_scale') or 'off'}"
           + (f", intensity U({intensity:g}, 1)" if intensity < 1 else ""), flush=True)
     augment = ctrain["augment"]
     batches = Batches(images, labels, ctrain["batch_size"], flip=augment != "none", flip_labels=augment == "mirror",
-                      seed=ctrain["seed"], intensity=intensity)
+                      seed=ctrain["seed"], intensity=intensity, crop_scale=ctrain.get("crop_scale"))
     clf_config = dict(data=config["data"], diffusion=config["diffusion"], classifier=config["classifier"],
                       train=ctrain, seed=ctrain["seed"])
     model, _ = fit("classifier", model, classifier_loss(diffusion), batches, label=name, steps=ctrain["steps"], lr=ctrain["lr"],
@@ -382,8 +386,9 @@ def main(argv=None):
             if args.what == "evaluator":
                 train_evaluator_run(config["data"], out, steps, width, args.seed, device)
             else:
-                filter_run(config["data"], out, parse_ints(args.train_size, "--train-size"), args.tau1, args.tau2,
-                           args.members, steps, width, args.seed, device)
+                targets = filter_targets(args.train_size, args.top_k, len(config["data"]["attrs"]))
+                filter_run(config["data"], out, targets, args.tau1, args.tau2, args.members, steps, width, args.seed,
+                           device, stage1=args.stage1)
             print(f"done: {out}", flush=True)
             return
         data = load_data(config["data"])  # fail on bad data before any work

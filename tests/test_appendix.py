@@ -78,18 +78,18 @@ def test_edit_moves_images_with_guidance(tiny_run):  # noqa: F811
         "--name", "edit")
     out = tiny_run / "samples" / "edit"
     data = np.load(out / "samples.npz")
-    assert data["images"].shape == data["originals"].shape == (4, 16, 16, 3)
+    assert data["arr_0"].shape == data["originals"].shape == (4, 16, 16, 3)
     report = json.loads((out / "report.json").read_text())
     assert 0 <= report["moved_2px_or_more"] <= 1 and (out / "edit.png").exists()
     # the edited images are the first 4 training circles; the numbers recounted from the written images
     from data import circles_dataset
     d = json.loads((tiny_run / "config.json").read_text())["data"]
     assert np.array_equal(data["originals"], circles_dataset(16, d["radius"], d["delta"], seed=d["seed"])[0][:4])
-    before, after = single_circle_x(data["originals"]), single_circle_x(data["images"])
+    before, after = single_circle_x(data["originals"]), single_circle_x(data["arr_0"])
     moved = sum(a is not None and b is not None and abs(a - b) * 16 >= 2 for a, b in zip(after, before))
     assert report["images"] == 4 and report["moved_2px_or_more"] == pytest.approx(moved / 4)
-    assert report["edited_in_middle"] == pytest.approx(middle_fraction(data["images"])[0])
-    assert report["edited_zero_or_multi"] == pytest.approx(middle_fraction(data["images"])[1])
+    assert report["edited_in_middle"] == pytest.approx(middle_fraction(data["arr_0"])[0])
+    assert report["edited_zero_or_multi"] == pytest.approx(middle_fraction(data["arr_0"])[1])
     assert report["originals_in_middle"] == 0                   # training circles sit at the borders
     proc = run("sample.py", "--run", tiny_run, "--edit", ok=False)          # editing needs guidance
     assert proc.returncode == 2 and "--lambdas" in proc.stderr
@@ -106,7 +106,7 @@ def test_quality_report(tiny_run):  # noqa: F811
     from data import circles_dataset
     d = json.loads((tiny_run / "config.json").read_text())["data"]
     feats = lambda imgs: imgs.reshape(len(imgs), -1).astype(np.float64) / 127.5 - 1
-    fake = feats(np.load(out / "samples.npz")["images"])
+    fake = feats(np.load(out / "samples.npz")["arr_0"])
     real = feats(circles_dataset(16, d["radius"], d["delta"], full_range=True)[0])
     s1, s2 = np.cov(real, rowvar=False), np.cov(fake, rowvar=False)
     # Tr (Σ1 Σ2)^½ = Σ sqrt(eigenvalues of Σ1 Σ2) (real and >= 0: Σ1 Σ2 is similar to Σ1^½ Σ2 Σ1^½)
@@ -193,7 +193,7 @@ def test_sizes_end_to_end(tmp_path):
     # recounted from the written samples: a single blob's radius is sqrt(area / π) - 1/2 (App. K), z normalised
     from blobs import blobs
     d = json.loads((out / "config.json").read_text())["data"]
-    found = [blobs(img) for img in np.load(out / "samples" / "s" / "samples.npz")["images"]]
+    found = [blobs(img) for img in np.load(out / "samples" / "s" / "samples.npz")["arr_0"]]
     z = [(np.sqrt(b[0][0] / np.pi) - 0.5 - d["r_min"]) / (d["r_max"] - d["r_min"]) for b in found if len(b) == 1]
     assert report["accuracy_middle"] == pytest.approx(sum(0.2 <= v <= 0.8 for v in z) / 3)
     assert report["larger_than_training"] == pytest.approx(sum(v > 1 for v in z) / 3)

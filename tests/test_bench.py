@@ -45,3 +45,32 @@ def test_bench_config_gives_one_finite_row_per_mode():
         assert r["params"] == f"{count_parameters(model) / 1e6:.2f}M"
         assert r["train_img_s"] == pytest.approx(2 / (r["train_ms"] / 1e3), rel=1e-9)
         assert r["gflops"] == pytest.approx(flops / (r["train_ms"] / 1e3) / 1e9, rel=1e-9)
+
+
+def test_modes_are_parts_joined_by_plus_and_bad_ones_are_refused():
+    from bench import mode_parts
+    from cli import InputError
+    assert mode_parts("amp+channels_last+compile") == {"amp", "channels_last", "compile"}
+    assert mode_parts("fp32") == {"fp32"}
+    for bad in ("fp16", "amp+bf16", "amp+"):
+        with pytest.raises(InputError, match="--modes"):
+            mode_parts(bad)
+
+
+def test_profile_splits_the_busy_time_by_kind_of_work():
+    from bench import category, profile
+    assert [category(n) for n in ("aten::cudnn_convolution", "aten::convolution_backward", "aten::addmm",
+                                  "aten::_scaled_dot_product_flash_attention", "aten::native_group_norm",
+                                  "aten::_foreach_lerp_", "aten::copy_", "aten::mul")] == \
+        ["convolution", "convolution", "matmul", "attention", "normalisation", "optimizer + EMA",
+         "copies and casts", "elementwise and other"]
+    unet = UNetConfig(image_size=16, model_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                      attention_resolutions=(8,), num_heads=2)
+    clf = ClassifierConfig(image_size=16, model_channels=8, num_res_blocks=1, attention_resolutions=(8,),
+                           channel_mult=(1, 2), num_classes=2)
+    out = profile(unet, clf.build, batch=1, device=torch.device("cpu"), repeats=1)
+    assert set(out) == {"training step", "guided sampling step"}
+    for p in out.values():
+        assert p["busy_ms"] == pytest.approx(sum(p["split_ms"].values()))
+        assert 0 < p["busy_ms"] and p["split_ms"]["convolution"] > 0
+        assert list(p["split_ms"].values()) == sorted(p["split_ms"].values(), reverse=True)

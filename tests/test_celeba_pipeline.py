@@ -86,7 +86,7 @@ def test_ddpm_on_the_subset_and_scored_samples(celeba):
     report = json.loads((out / "samples" / "g" / "report.json").read_text())
     for key in ("kld_paper_training_data", "mse_paper_classifier30-30", "kld_01_unguided"):
         assert report[key] >= 0, key
-    samples = np.load(out / "samples" / "g" / "samples.npz")["images"]
+    samples = np.load(out / "samples" / "g" / "samples.npz")["arr_0"]
     expected = recomputed_scores(samples, out / "evaluator_Smiling.pt")
     assert report["mild_049_051"] == expected.pop("mild_049_051")
     for key, value in expected.items():
@@ -118,7 +118,7 @@ def test_two_attributes_four_classes_and_heatmap(celeba, tmp_path):
     assert (out / "samples" / "g" / "heatmap_2d.png").exists()
     # the histogram numbers are those of the first evaluator (Smiling) on the written samples
     report = json.loads((out / "samples" / "g" / "report.json").read_text())
-    samples = np.load(out / "samples" / "g" / "samples.npz")["images"]
+    samples = np.load(out / "samples" / "g" / "samples.npz")["arr_0"]
     assert samples.shape == (6, 32, 32, 3) and report["lambdas"] == "[[30.0, 30.0, 30.0, 30.0]]"
     expected = recomputed_scores(samples, smile_run / "evaluator_Smiling.pt")
     assert report["mild_049_051"] == expected.pop("mild_049_051")

@@ -155,6 +155,11 @@ def ref_vb_bits(d, x0, xt, out, t):
     """Float64 numpy L_t in bits/dim (KL for t > 0, discretized NLL at t = 0 with improved-diffusion's tanh form
     of Φ, probabilities floored at 1e-12), no clipping."""
     mean, log_var, _ = ref_p_mean_variance(d, out, xt, t, clip=False)
+    return vb_bits_of(d, x0, xt, mean, log_var, t)
+
+
+def vb_bits_of(d, x0, xt, mean, log_var, t):
+    """L_t in bits/dim of p(x_{t-1} | x_t) = N(mean, exp(log_var)) (float64 numpy arrays shaped like x0)."""
     g = lambda arr: arr[t.numpy()][:, None, None, None]
     x0n, xtn = x0.double().numpy(), xt.double().numpy()
     true_mean = g(d.posterior_mean_coef1) * x0n + g(d.posterior_mean_coef2) * xtn

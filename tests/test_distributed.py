@@ -49,7 +49,7 @@ def test_sampling_sharded_over_two_processes_gives_the_same_samples(tiny_run):  
                           str(ROOT / "sample.py"), *common, "--name", "two"],
                          capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
     assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-3000:]
-    a, b = (np.load(tiny_run / "samples" / n / "samples.npz")["images"] for n in ("one", "two"))
+    a, b = (np.load(tiny_run / "samples" / n / "samples.npz")["arr_0"] for n in ("one", "two"))
     assert a.shape == b.shape == (5, 16, 16, 3)
     assert np.array_equal(a, b)                     # batch b's noise depends on (seed, b) only
     assert not (tiny_run / "samples" / "two-2").exists()              # rank 0 alone writes

@@ -13,14 +13,15 @@ ROOT = Path(__file__).resolve().parent.parent
 # on top. A new file must be placed here.
 LAYERS = [
     {"cli"},                                                     # the one error type, flag parsers
-    {"data", "ddpm", "unet", "device", "cpu_preset", "guidance"},
+    {"data", "ddpm", "unet", "device", "cpu_preset", "guidance", "inception"},
     {"dit", "classifier"},                                       # build on unet.py's blocks
     {"checkpoint"},
     {"evaluate"},
-    {"generate", "evaluator"},
+    {"generate", "evaluator", "quality"},
     {"inversion", "config"},
     {"train", "sample"},
     {"sweep", "repeat", "bench"},
+    {"gpu_check"},                                               # runs bench.py, train.py, sample.py, pytest
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 
