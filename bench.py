@@ -23,6 +23,7 @@ import math
 import resource
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -289,6 +290,14 @@ def main(argv=None):
         modes = args.modes.split(",")
         for mode in modes:
             mode_parts(mode)
+        for flag, value in (("--repeats", args.repeats), ("--cpu-batch", args.cpu_batch),
+                            ("--paper-batch", args.paper_batch)):
+            if value is not None and value < 1:
+                raise InputError(f"{flag} must be a positive integer, got {value}")
+        if args.skip_paper and args.skip_cpu_preset:
+            raise InputError("--skip-paper and --skip-cpu-preset leave nothing to measure: drop one")
+        if args.json and not Path(args.json).resolve().parent.is_dir():
+            raise InputError(f"--json {args.json}: its folder does not exist; create it first")
         run_bench(args, device, modes)
 
 
@@ -304,7 +313,7 @@ def run_bench(args, device, modes):
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {where}")
     demo = build_config(train_args(["--data", "circles"]))      # the demo's models, exactly as train.py builds them
     cpu_unet, cpu_clf = UNetConfig(**demo["unet"]), lambda: build_classifier(demo)
-    cpu_batch = args.cpu_batch or demo["train"]["batch_size"]
+    cpu_batch = demo["train"]["batch_size"] if args.cpu_batch is None else args.cpu_batch
     configs = ([] if args.skip_cpu_preset else [("cpu preset 32px", cpu_unet, cpu_clf, cpu_batch, args.repeats)]) + \
               ([] if args.skip_paper else [("paper 64px", UNetConfig(), lambda: ClassifierConfig().build(),
                                             args.paper_batch, max(2, args.repeats // 2))])

@@ -184,3 +184,17 @@ def load_classifier(path, device="cpu"):
     model = build_classifier(ckpt["config"])
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt["config"]
+
+
+def check_classifier_fits(clf_config, config, path, run):
+    """A guidance classifier can guide a run's DDPM when it was trained on the same noising chain q(x_t | x_0)
+    (schedule and T: its p(y | x_t, t) is read at the DDPM's x_t and t, docs/paper_notes.md §16.6) and at the same
+    image size; loss, variance and data may differ (App. E guides with a classifier of other images). InputError."""
+    chain = lambda c: (c["diffusion"].get("schedule", "cosine"), c["diffusion"]["diffusion_steps"])
+    if chain(clf_config) != chain(config):
+        raise InputError(f"classifier {path} was trained on the {'/'.join(map(str, chain(clf_config)))} chain, "
+                         f"{run}/ddpm.pt on {'/'.join(map(str, chain(config)))}: train a classifier on the run's "
+                         f"chain (train.py --out {run} --what classifier)")
+    if clf_config["data"]["image_size"] != config["data"]["image_size"]:
+        raise InputError(f"classifier {path} takes {clf_config['data']['image_size']}px images, {run} draws "
+                         f"{config['data']['image_size']}px: train one at --image-size {config['data']['image_size']}")

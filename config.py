@@ -7,6 +7,7 @@ value. `check_run` checks every combination of flags before any data is read or 
 """
 import argparse
 import copy
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -16,7 +17,8 @@ import checkpoint as ckpt_io
 import cpu_preset
 from classifier import ClassifierConfig, default_channel_mult
 from cli import InputError, parse_ints
-from data import CELEBA_LAYOUT, OFFICIAL_CROP_SCALE, parse_crop_scale
+from augment import OFFICIAL_CROP_SCALE, parse_crop_scale
+from data import CELEBA_LAYOUT
 from ddpm import DiffusionConfig
 from dit import DiTConfig
 from evaluator import filter_targets
@@ -38,6 +40,7 @@ PAPER = dict(
 PAPER_CIRCLES = dict(steps=30_000, clf=dict(model_channels=64, num_res_blocks=2, attention_resolutions=(8,)),
                      clf_steps=3_000, sample_steps=64)
 PRESETS = {"cpu": cpu_preset.PRESET, "paper": PAPER}
+FILTER_DEFAULTS = dict(stage1="auto", tau1=0.95, tau2=0.9999, members=5, top_k=None, train_size=None)   # App. D
 TRAIN_DESCRIPTION = "Train the DDPM and the noisy guidance classifier(s) of [ZSI]; one run folder holds everything."
 
 
@@ -143,12 +146,12 @@ def parse_args(argv=None):
                    help="subset sizes to write (k = size/2 per side, nested; default 60000,30000,10000,5000)")
     g.add_argument("--top-k", default=None, help="k per class instead: of label 0 then label 1, per attribute, "
                    "e.g. 7000,15000 (Young) or 30000,30000,15000,15000 (two attributes); subset_<attr>_k7000-15000.txt")
-    g.add_argument("--stage1", choices=("auto", "trained", "evaluator"), default="auto",
+    g.add_argument("--stage1", choices=("auto", "trained", "evaluator"), default=FILTER_DEFAULTS["stage1"],
                    help="filter stage 1: a classifier trained on the train split, or the evaluation classifier (auto: "
                         "it for Young, standing in for the paper's FaRL face model; trained for the others)")
-    g.add_argument("--tau1", type=float, default=0.95, help="stage-1 confidence threshold")
-    g.add_argument("--tau2", type=float, default=0.9999, help="ensemble confidence threshold")
-    g.add_argument("--members", type=int, default=5, help="ensemble size")
+    g.add_argument("--tau1", type=float, default=FILTER_DEFAULTS["tau1"], help="stage-1 confidence threshold")
+    g.add_argument("--tau2", type=float, default=FILTER_DEFAULTS["tau2"], help="ensemble confidence threshold")
+    g.add_argument("--members", type=int, default=FILTER_DEFAULTS["members"], help="ensemble size")
     g = p.add_argument_group("logging")
     g.add_argument("--log-every", type=int, default=100, help="progress line every N steps")
     g.add_argument("--ckpt-every", type=int, default=500, help="checkpoint every N steps")
@@ -175,12 +178,13 @@ def build_config(args):
     elif args.data == "celeba":
         if not args.data_dir:
             raise InputError(f"--data celeba needs --data-dir ROOT with {CELEBA_LAYOUT}")
-        data = dict(name="celeba", image_size=image_size, path=str(args.data_dir), attrs=args.attr.split(","),
-                    subset=args.subset, oversample=args.oversample, split="train")
+        data = dict(name="celeba", image_size=image_size, path=os.path.abspath(args.data_dir),
+                    attrs=args.attr.split(","), subset=args.subset and os.path.abspath(args.subset),
+                    oversample=args.oversample, split="train")   # absolute: sample.py may run from elsewhere
     elif args.data == "folder":
         if not args.data_dir:
             raise InputError("--data folder needs --data-dir DIR with PNG/JPEG files named {label}_{k}.png")
-        data = dict(name="folder", image_size=image_size, path=str(args.data_dir))
+        data = dict(name="folder", image_size=image_size, path=os.path.abspath(args.data_dir))
     else:
         raise InputError(f"--data {args.data!r} is not a dataset; choose circles, sizes, celeba or folder")
     unet = dict(preset["unet"], image_size=image_size)
@@ -232,7 +236,7 @@ def build_config(args):
                               lr=args.classifier_lr or preset["clf_lr"], seed=args.seed,
                               augment=args.classifier_augment or ("none" if args.data in ("circles", "sizes") else "flip"),
                               intensity=args.classifier_intensity,
-                              crop_scale=(parse_crop_scale(args.classifier_crop_scale) if args.classifier_crop_scale
+                              crop_scale=(parse_crop_scale(args.classifier_crop_scale) if args.classifier_crop_scale is not None
                                           else OFFICIAL_CROP_SCALE if args.data in ("celeba", "folder") else None)),
     )
 
@@ -283,9 +287,10 @@ def check_run(args, config, device, world, what, out, clf_name):
         raise InputError("--vb-scale weighs L_t in L_hybrid; --loss vlb trains on T·L_t alone: drop --vb-scale")
     if config["diffusion"]["schedule"] == "linear" and T <= 20:
         raise InputError(f"--noise-schedule linear needs --diffusion-steps > 20 (its last β is 20/T), got {T}")
-    if config["data"]["name"] == "sizes" and config["classifier_train"]["crop_scale"]:
-        raise InputError("--classifier-crop-scale zooms the image, and sizes labels the disc's size: pass "
-                         "--classifier-crop-scale off")
+    if config["data"]["name"] in ("circles", "sizes") and config["classifier_train"]["crop_scale"]:
+        raise InputError(f"--classifier-crop-scale zooms and shifts the image, and {config['data']['name']} labels "
+                         f"the disc's {'position' if config['data']['name'] == 'circles' else 'size'}: pass "
+                         f"--classifier-crop-scale off")
     if args.eval_samples < 0:
         raise InputError(f"--eval-samples must be >= 0 (0 = no samples after training), got {args.eval_samples}")
     if not 0 <= args.cfg_dropout < 1:
@@ -303,8 +308,18 @@ def check_run(args, config, device, world, what, out, clf_name):
         given = "--sample-steps" if args.sample_steps is not None else f"the {args.preset} preset's --sample-steps"
         raise InputError(f"{given} {config['sample_steps']} must be in 1..{T} (--diffusion-steps {T}): pass "
                         f"--sample-steps between 1 and {T}, or more --diffusion-steps")
+    filter_flags = [f"--{k.replace('_', '-')}" for k, v in FILTER_DEFAULTS.items() if getattr(args, k) != v]
+    if filter_flags and args.what != "filter":
+        raise InputError(f"{' '.join(filter_flags)} set the App. D filter: add --what filter, or drop them")
+    attrs = config["data"].get("attrs", [])
+    if len(set(attrs)) != len(attrs) or (args.what == "filter" and len(attrs) > 2):
+        raise InputError(f"--attr {','.join(attrs)}: " + ("an attribute is given twice" if len(set(attrs)) !=
+                         len(attrs) else "the filter takes one attribute or two (App. F)"))
+    if args.variance != "learned" and args.vb_scale != 1:
+        raise InputError(f"--vb-scale weighs the learned variance's L_t; --variance {args.variance} has none: drop "
+                         f"--vb-scale")
     if args.what == "filter":
-        filter_targets(args.train_size, args.top_k, len(config["data"]["attrs"]))
+        filter_targets(args.train_size, args.top_k, len(attrs))
         for name, tau in (("--tau1", args.tau1), ("--tau2", args.tau2)):
             if not 0 < tau < 1:
                 raise InputError(f"{name} is a confidence threshold, in (0, 1); got {tau}")
@@ -363,6 +378,9 @@ def check_resume(config, what, out, name):
     changed = []
     if "ddpm" in what and (out / "config.json").exists():
         saved = ckpt_io.read_config(out / "config.json")
+        for key in ("path", "subset"):                 # runs saved with the relative paths they were given
+            if saved.get("data", {}).get(key):
+                saved["data"][key] = os.path.abspath(saved["data"][key])
         skip = {"data": (), "diffusion": (), config.get("arch", "unet"): ("num_classes", "out_channels"),
                 "train": ("steps", "overlap_steps", "amp")}
         changed += _differences({"arch": saved.get("arch", "unet"), **_sections(saved, skip)},

@@ -227,6 +227,9 @@ def extreme_filter(images, labels, val_images, val_labels, evaluator, sizes, tau
     counts["stage1_tau1"] = int(keep.sum())
     log(f"[filter] stage 1 (τ1 = {tau1}): kept {keep.sum()} of {len(labels)}")
     stage1_idx = np.flatnonzero(keep)
+    if len(stage1_idx) < members:
+        raise InputError(f"stage 1 (τ1 = {tau1}) kept {len(stage1_idx)} of {len(labels)} images, fewer than the "
+                         f"{members} ensemble members need (one fold each): lower --tau1 or --members")
     folds = np.array_split(np.random.default_rng(seed).permutation(stage1_idx), members)
     agree = np.ones(len(stage1_idx), dtype=bool)
     for m, fold in enumerate(folds):
@@ -384,6 +387,7 @@ def filter_run(data_config, out, targets, tau1, tau2, members, steps, width, see
         if not path.exists():
             raise InputError(f"{path} is missing: train the evaluation classifier first with --attr {d['attrs'][0]} "
                              f"--what evaluator --out {out}")
+        check_evaluator_fits(ckpt_io.load(path)["config"], d["attrs"][0], d["image_size"], path)
         labels = celeba_split(d["path"], d["attrs"], "train")[1]
         have = (int((labels == 0).sum()), int((labels == 1).sum()))
         for sel in selections:
@@ -408,7 +412,9 @@ def filter_run(data_config, out, targets, tau1, tau2, members, steps, width, see
             report[f"size_{name}"] = int(len(labels))
             report.update({f"class{c}_{name}": n for c, n in enumerate(per_class)})
             print(f"[filter] {path}: {len(labels)} images, per class {per_class} ({report['classes']})", flush=True)
-        write_report(report, out, f"4-class training set (App. F) for {attrs}", stem=f"{stem}_report", device=device)
+        if len(report) > 1:                         # at least one 4-class set was made
+            write_report(report, out, f"4-class training set (App. F) for {attrs}", stem=f"{stem}_report",
+                         device=device)
     if short:
         raise InputError(f"--top-k asks for more than survive the filter ({'; '.join(short)}); lower --top-k or "
                          f"--tau1/--tau2 (survivors: {out}/subset_<attr>_stage2.txt)")
@@ -422,8 +428,14 @@ def evaluator_paths(evaluators, data_config, run):
     Raises InputError (one line, naming --evaluator) when a CelebA run has none, and for a file that is not an
     evaluation classifier: an experiment's evaluation is never skipped.
     """
-    if not evaluators and data_config["name"] != "celeba":
+    if data_config["name"] != "celeba":
+        if evaluators:
+            raise InputError(f"--evaluator scores CelebA attributes; this run has {data_config['name']} data, "
+                             f"scored without one: drop --evaluator")
         return []
+    if evaluators and len(evaluators) != len(data_config["attrs"]):
+        raise InputError(f"got {len(evaluators)} --evaluator for the run's {len(data_config['attrs'])} attribute(s) "
+                         f"{','.join(data_config['attrs'])}: give one per attribute, in --attr order")
     folders = [Path(run)] + ([Path(data_config["subset"]).parent] if data_config.get("subset") else [])
     paths = [Path(p) for p in evaluators or []]
     for attr in ([] if evaluators else data_config["attrs"]):
@@ -434,11 +446,22 @@ def evaluator_paths(evaluators, data_config, run):
                              f"score the samples; pass --evaluator PATH, or train one with `train.py --data celeba "
                              f"--attr {attr} --what evaluator --out {run}`")
         paths.append(found[0])
-    for path in paths:
-        if ckpt_io.load(path).get("kind") != "evaluator":
+    for path, attr in zip(paths, data_config["attrs"]):
+        ckpt = ckpt_io.load(path)
+        if ckpt.get("kind") != "evaluator":
             raise InputError(f"--evaluator {path} is not an evaluation classifier; train one with `train.py --data "
                              f"celeba --what evaluator`")
+        check_evaluator_fits(ckpt["config"], attr, data_config["image_size"], path)
     return paths
+
+
+def check_evaluator_fits(evaluator_config, attr, image_size, path):
+    """An evaluation classifier scores the attribute and image size it was trained on; else InputError."""
+    d = evaluator_config["data"]
+    if d["attrs"] != [attr] or d["image_size"] != image_size:
+        raise InputError(f"evaluator {path} scores {','.join(d['attrs'])} at {d['image_size']}px, the run needs "
+                         f"{attr} at {image_size}px: train one with `train.py --data celeba --attr {attr} "
+                         f"--image-size {image_size} --what evaluator`")
 
 
 def attribute_report(samples, evaluators, data_config, run, out, label, device):

@@ -149,11 +149,15 @@ def main(argv=None):
     with one_line_errors("gpu_check.py"):
         device = resolve_device(args.device)
         args.quick = args.quick or device.type != "cuda"
-        stages = (args.stages or ",".join(s for s in STAGES if not (args.quick and s == "compile"))).split(",")
+        stages = (",".join(s for s in STAGES if not (args.quick and s == "compile")) if args.stages is None
+                  else args.stages).split(",")
         unknown = set(stages) - set(STAGES)
         if unknown:
             raise InputError(f"--stages: unknown {sorted(unknown)}; choose from {', '.join(STAGES)}")
-        out = Path(args.out)
+        if args.stage_timeout is not None and args.stage_timeout < 1:
+            raise InputError(f"--stage-timeout is seconds per stage, >= 1; got {args.stage_timeout}")
+        out = Path(args.out).resolve()          # the stages run in the repository's folder
+        args.run_dir = args.run_dir and str(Path(args.run_dir).resolve())
         out.mkdir(parents=True, exist_ok=True)
         check(args, str(device), out, stages)
 

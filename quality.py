@@ -62,17 +62,22 @@ def precision_recall(real, fake, k=3):
     return coverage(real, fake), coverage(fake, real)
 
 
-def cosine_nearest(queries, references, exclude_self=False):
-    """(index, cosine distance) of each query's nearest reference (App. H memorisation check)."""
+def cosine_nearest(queries, references, exclude_self=False, rows=1024):
+    """(index, cosine distance) of each query's nearest reference (App. H memorisation check); exclude_self: query
+    i may not match reference i (queries = references). Blocks of `rows` queries: memory rows × len(references)."""
     q = np.asarray(queries, np.float64)
     r = np.asarray(references, np.float64)
     q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
     r = r / np.maximum(np.linalg.norm(r, axis=1, keepdims=True), 1e-12)
-    dist = 1 - q @ r.T
-    if exclude_self:
-        np.fill_diagonal(dist, np.inf)
-    idx = dist.argmin(1)
-    return idx, dist[np.arange(len(q)), idx]
+    idx, best = np.empty(len(q), dtype=np.int64), np.empty(len(q))
+    for i in range(0, len(q), rows):
+        dist = 1 - q[i:i + rows] @ r.T
+        if exclude_self:
+            block = np.arange(i, min(i + rows, len(q)))
+            dist[block - i, block] = np.inf
+        idx[i:i + rows] = dist.argmin(1)
+        best[i:i + rows] = dist[np.arange(len(dist)), idx[i:i + rows]]
+    return idx, best
 
 
 def plot_nearest(samples, train_images, idx, dist, train_dist, path, n=16):
@@ -145,8 +150,11 @@ def quality_inputs(references, inception_weights, data_config, device):
     (name: the file's stem unless given; App. I: full, mild), inception=load_fid_inception(...) or None)."""
     refs, d = {}, data_config
     for spec in references or []:
-        name, _, file = spec.rpartition("=")
+        name, _, file = ("", "", spec) if Path(spec).is_file() else spec.rpartition("=")
         name = name or Path(file).stem
+        if not Path(file).is_file():
+            raise InputError(f"--reference {spec}: {file!r} is not a file; give [NAME=]FILE, an index file of "
+                             f"train-split positions (e.g. full=runs/smile/reference_Smiling_full_50000.txt)")
         if d["name"] != "celeba" or name in refs:
             raise InputError(f"--reference {spec}: " + (f"the name {name} is given twice" if name in refs else
                              f"index files select CelebA train images; this run has {d['name']} data"))

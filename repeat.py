@@ -67,6 +67,8 @@ def main(argv=None):
     p.add_argument("--tag", default="", help="suffix of the classifier names (<variant><tag>_seed<s>): give one with "
                                              "--train-args, or the classifiers of an earlier repeat are reused")
     p.add_argument("--sample-args", default="", help="extra sample.py flags, quoted")
+    p.add_argument("--evaluator", action="append", default=None,
+                   help="celeba: evaluation classifier per attribute (default: found as sample.py finds it)")
     p.add_argument("--reuse-unguided", action="store_true",
                    help="take the unguided reference from an earlier repeat (samples/repeat_unguided) instead of "
                         "sampling it again (~4 min on a 2-core CPU)")
@@ -86,15 +88,24 @@ def main(argv=None):
         p.error(f"repeat.py measures circles (middle / broken circles) and celeba (KLD to uniform); {run} holds "
                 f"{kind} data")
     try:
-        evaluators = evaluator_paths(None, config["data"], run)     # a CelebA run without one: InputError
+        evaluators = evaluator_paths(args.evaluator, config["data"], run)   # a CelebA run without one: InputError
         parse_lambdas(args.lambdas, config["classifier"]["num_classes"])
     except InputError as e:
         p.error(str(e))
     args.num_samples = args.num_samples or (1000 if kind == "circles" else 10000)
     extra_sample = shlex.split(args.sample_args) + ["--num-samples", str(args.num_samples), "--run", str(run)]
+    extra_sample += [a for e in args.evaluator or [] for a in ("--evaluator", e)]
     if args.train_args and not args.tag:
         p.error("--train-args changes the classifiers: give them a --tag (e.g. --tag _b32) so that classifiers "
                 "trained earlier under the same names are not reused")
+    data_args = ["--data", kind, "--preset", config["train"].get("preset", "cpu")]
+    data_args += ["--data-dir", config["data"]["path"]] if "path" in config["data"] else []
+
+    def train_args(variant, seed):
+        return ["--out", str(run), *data_args, "--what", "classifier", "--seed", str(seed), "--classifier-name",
+                f"{variant}{args.tag}_seed{seed}", "--resume", *VARIANTS[variant], *shlex.split(args.train_args)]
+    for variant in variants:                      # train.py's checks of the classifiers' flags, before any work
+        train.main(train_args(variant, args.first_seed), check_only=True)
     results = {}
     ref = run / "samples" / "repeat_unguided" / "report.json"
     if args.reuse_unguided:
@@ -110,14 +121,11 @@ def main(argv=None):
     evaluator = load_evaluator(evaluators[0], device)[0] if kind == "celeba" else None
     results["unguided"] = [json.loads(ref.read_text())]
     values = {"unguided": [evaluated_values(ref.parent, evaluator, device)]}
-    data_args = ["--data", kind, "--preset", config["train"].get("preset", "cpu")]
-    data_args += ["--data-dir", config["data"]["path"]] if "path" in config["data"] else []
     for variant in variants:
         results[variant + args.tag], values[variant + args.tag] = [], []
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             name = f"{variant}{args.tag}_seed{seed}"
-            train.main(["--out", str(run), *data_args, "--what", "classifier", "--seed", str(seed),
-                        "--classifier-name", name, "--resume", *VARIANTS[variant], *shlex.split(args.train_args)])
+            train.main(train_args(variant, seed))
             out = sample.main(["--classifier", name, "--lambdas", args.lambdas, "--name", f"repeat_{name}",
                                "--overwrite", *extra_sample])
             results[variant + args.tag].append(dict(json.loads((out / "report.json").read_text()), seed=seed))

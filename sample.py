@@ -25,7 +25,7 @@ import checkpoint as ckpt_io
 import inversion
 from cli import InputError, one_line_errors, parse_lambdas
 from cpu_preset import guidance_window
-from data import save_grid
+from data import check_data_paths, save_grid
 from device import amp_default, resolve_device, setup_distributed
 from evaluate import circles_sample_report, save_samples, sizes_sample_report, write_report
 from evaluator import attribute_report, evaluator_paths
@@ -198,12 +198,12 @@ def main(argv=None):
         args.amp = amp_default(device) if args.amp is None else args.amp
         args.batch_size = default_batch_size(device) if args.batch_size is None else args.batch_size
         model, diffusion, config = ckpt_io.load_ddpm(run / "ddpm.pt", device)
+        check_data_paths(config["data"])                # the reports read it after sampling
         named_paths, lambda_texts = resolve_classifiers(args, run)
         classifiers, lambdas = [], []
         for (name, path), text in zip(named_paths, lambda_texts):
             clf, clf_config = ckpt_io.load_classifier(path, device)
-            if clf_config["diffusion"] != config["diffusion"]:
-                raise InputError(f"classifier {path} was trained on another diffusion chain than {run}/ddpm.pt")
+            ckpt_io.check_classifier_fits(clf_config, config, path, run)
             classifiers.append(clf)
             lambdas.append(parse_lambdas(text, clf_config["classifier"]["num_classes"]))
         guide_t_min_given = args.guide_t_min is not None

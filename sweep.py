@@ -20,6 +20,7 @@ from cli import InputError, one_line_errors
 from evaluate import _pyplot, host_line
 
 # report keys worth a curve, by family; the KLD / L2 keys carry the sample label as a suffix (sample.py)
+QUALITY = ("fid_", "precision_", "recall_")   # their keys carry the reference set's name (quality.quality_report)
 FAMILIES = {
     "uniformity (evaluation classifier)": ("kld_paper", "mse_paper", "kld_01", "l2_01"),
     "circles": ("accuracy_middle", "zero_or_multi"),
@@ -49,7 +50,7 @@ def row_of(report):
             if isinstance(v, (int, float)):
                 row[k] = float(v)
             for key, v in report.items():      # per reference set (App. I: fid_inception_full, fid_inception_mild)
-                if key.startswith(f"{k}_") and key != f"{k}_{label}" and isinstance(v, (int, float)):
+                if k.startswith(QUALITY) and key.startswith(f"{k}_") and isinstance(v, (int, float)):
                     row[key] = float(v)
     return row
 

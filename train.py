@@ -357,7 +357,9 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt   # SIGTERM (a scheduler's preemption) saves like Ctrl-C
 
 
-def main(argv=None):
+def main(argv=None, check_only=False):
+    """train.py's entry point; check_only: return the run config after every check, before any work (repeat.py
+    checks its classifiers' flags so before sampling anything)."""
     args = run_config.parse_args(argv)
     made = {}   # the outermost run folder this call creates (rank 0), removed again if the run fails early
     if threading.current_thread() is threading.main_thread():
@@ -378,6 +380,8 @@ def main(argv=None):
         if saved is not None:  # a classifier added to a run shares the DDPM's data and chain
             config.update(data=saved["data"], diffusion=saved["diffusion"])
         run_config.check_run(args, config, device, world, what, out, name)
+        if check_only:
+            return config
         preset = run_config.preset_of(args)
         if args.what in ("evaluator", "filter"):
             made["root"] = new_folder_root(out)

@@ -327,3 +327,29 @@ def test_interpolate_passes_the_model_uses_nine_points_and_accepts_the_first_lat
     torch.testing.assert_close(out["lerp"][:, 0], torch.tensor([[1 - j / 8, j / 8] for j in range(9)]))
     assert torch.equal(inversion.invert(chain, model, x_a, 1), x_a)
     assert torch.equal(inversion.decode(chain, model, x_a, 1), x_a)
+
+
+def test_a_classifier_trained_on_another_image_folder_guides_the_run(tiny_run, tmp_path):
+    """App. E's recipe (a guidance classifier trained on separate, synthetic images: faces with / without green lips)
+    and App. L's (classes of one's own data): a classifier of a folder of `{label}_{k}.png` files guides a run's DDPM
+    through `--classifier PATH`, and the sample file names that classifier."""
+    from PIL import Image
+    folder = tmp_path / "patches"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(12):
+        img = rng.integers(0, 60, (16, 16, 3), dtype=np.uint8)
+        if k % 2:
+            img[6:10, 4:12] = (40, 220, 40)                  # class 1: a green patch (the "green lips")
+        Image.fromarray(img).save(folder / f"{k % 2}_{k}.png")
+    other = tmp_path / "greenlips"
+    run("train.py", "--data", "folder", "--data-dir", folder, "--image-size", "16", "--model-channels", "8",
+        "--classifier-width", "8", "--what", "classifier", "--classifier-steps", "2", "--out", other,
+        "--log-every", "1", "--ckpt-every", "2")
+    run("sample.py", "--run", tiny_run, "--classifier", other / "classifier.pt", "--lambdas", "0,30",
+        "--num-samples", "2", "--sample-steps", "2", "--name", "green")
+    report = json.loads((tiny_run / "samples" / "green" / "report.json").read_text())
+    assert report["lambdas"] == "[[0.0, 30.0]]" and report["guidance"].startswith("classifier")
+    saved = np.load(tiny_run / "samples" / "green" / "samples.npz")
+    assert saved["arr_0"].shape == (2, 16, 16, 3)
+    assert json.loads(str(saved["classifiers"])) == [str(other / "classifier.pt")]

@@ -74,3 +74,15 @@ def test_profile_splits_the_busy_time_by_kind_of_work():
         assert p["busy_ms"] == pytest.approx(sum(p["split_ms"].values()))
         assert 0 < p["busy_ms"] and p["split_ms"]["convolution"] > 0
         assert list(p["split_ms"].values()) == sorted(p["split_ms"].values(), reverse=True)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--repeats", "0"], "--repeats must be a positive integer"), (["--cpu-batch", "0"], "--cpu-batch"),
+    (["--skip-paper", "--skip-cpu-preset"], "leave nothing to measure"),
+    (["--json", "/nonexistent/dir/b.json"], "its folder does not exist"), (["--modes", "fp16"], "--modes")])
+def test_bad_flags_are_one_line_before_any_timing(flags, message, capsys):
+    from bench import main
+    with pytest.raises(SystemExit) as exit_:
+        main(flags)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and err.count("\n") == 1

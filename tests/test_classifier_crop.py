@@ -8,11 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import augment
 import config
-import data
+from augment import parse_crop_scale, random_resized_crop, resized_crop
 from celeba_tree import make_celeba_tree
 from cli import InputError
-from data import Batches, parse_crop_scale, random_resized_crop, resized_crop
+from data import Batches
 from test_cli import TINY
 
 # Keys' cubic convolution kernel W(d) with a = -0.75 (torch's bicubic): W(d) = (a+2)|d|³ - (a+3)|d|² + 1 for |d| <= 1,
@@ -78,7 +79,7 @@ def test_draws_are_the_official_integer_sides_and_offsets(monkeypatch):
     """L = 64, (1, 1.25): S ~ U{64..80} (guided-diffusion: short side in [ceil(64/1), ceil(64/0.8)]), offsets
     U{0..S-64} each; the same generator state gives the same draws."""
     seen = []
-    monkeypatch.setattr(data, "resized_crop", lambda x, sizes, offsets: seen.append((sizes, offsets)) or x)
+    monkeypatch.setattr(augment, "resized_crop", lambda x, sizes, offsets: seen.append((sizes, offsets)) or x)
     x = torch.zeros(4000, 1, 64, 64)
     random_resized_crop(x, (1.0, 1.25), torch.Generator().manual_seed(3))
     sizes, offsets = seen[0]
@@ -162,10 +163,12 @@ def test_classifier_batches_are_zoomed_for_celeba_not_for_circles(data_set, cele
     assert saved == (list(zoom) if zoom else None)
 
 
-def test_sizes_refuses_the_zoom(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("data_set", ["sizes", "circles"])
+def test_sizes_and_circles_refuse_the_zoom(data_set, tmp_path, monkeypatch, capsys):
+    """Their labels are the disc's size or position, which a zoom-crop changes."""
     import train
     monkeypatch.setattr(train.signal, "signal", lambda *a: None)
     with pytest.raises(SystemExit) as exit_:
-        train.main([*TINY, "--data", "sizes", "--classifier-crop-scale", "1,1.25", "--out", str(tmp_path / "x")])
+        train.main([*TINY, "--data", data_set, "--classifier-crop-scale", "1,1.25", "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "--classifier-crop-scale off" in err and not (tmp_path / "x").exists()

@@ -325,6 +325,9 @@ def test_train_flag_combinations_fail_before_the_run_folder_exists(tmp_path, arg
     --data-seed -1 => --data-seed
     --classifier-name ../outside => --classifier-name
     --data sizes --mirror-equivariant => --mirror-equivariant
+    --top-k 0,5 => --top-k set the App. D filter: add --what filter
+    --stage1 evaluator --tau1 5 --train-size 3 => --stage1 --tau1 --train-size set the App. D filter
+    --variance large --vb-scale 5 => --variance large has none: drop --vb-scale
 """))
 def test_every_flag_combination_is_checked_in_one_place_before_any_work(tmp_path, monkeypatch, capsys, args, message):
     import train

@@ -383,3 +383,24 @@ def test_circles_dataset_full_range_labels_from_the_centre_and_radius():
     assert sorted(set(pos[:, 0].tolist())) == list(range(3, 12)) and labels.dtype == np.int64
     assert labels.tolist() == (pos[:, 0] >= 7).astype(int).tolist()            # x >= W // 2 = 7 is "right"
     assert ((images[..., 0] > 127).sum((1, 2)) > 21).all()                      # radius-3 discs, not radius 2
+
+
+def test_runs_store_absolute_data_paths_and_sampling_checks_them_first(tmp_path, monkeypatch):
+    """A run's config holds absolute paths (sample.py may run from another folder); a run whose data is gone fails
+    with one line before sampling (its reports read the data after)."""
+    from cli import InputError
+    from config import build_config, parse_args
+    from data import check_data_paths
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "sub.txt").write_text("0\n")
+    monkeypatch.chdir(tmp_path)
+    d = build_config(parse_args(["--data", "celeba", "--data-dir", "imgs", "--subset", "sub.txt"]))["data"]
+    assert d["path"] == str(tmp_path / "imgs") and d["subset"] == str(tmp_path / "sub.txt")
+    assert build_config(parse_args(["--data", "folder", "--data-dir", "imgs"]))["data"]["path"] == str(tmp_path / "imgs")
+    check_data_paths(d)
+    check_data_paths(dict(name="circles", image_size=32))                     # generated: nothing to read
+    (tmp_path / "sub.txt").unlink()
+    with pytest.raises(InputError, match=r"subset .*sub.txt\) is not there"):
+        check_data_paths(d)
+    with pytest.raises(InputError, match=r"\(path moved\) is not there"):
+        check_data_paths(dict(name="folder", path="moved"))

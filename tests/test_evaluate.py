@@ -278,3 +278,18 @@ def test_host_line_by_hand():
     gpu = dict(cpu_flags=[], gpu="NVIDIA H100 80GB HBM3", amp="float16", torch="2.11.0+cu130")
     assert host_line(gpu) == "NVIDIA H100 80GB HBM3, AMP float16, torch 2.11.0+cu130"
     assert host_line(None) == "not recorded"
+
+
+def test_cosine_nearest_in_blocks_equals_the_whole_matrix():
+    """The blocked search gives the argmin / min of the full cosine-distance matrix (numpy oracle), self excluded."""
+    from quality import cosine_nearest
+    rng = np.random.default_rng(3)
+    refs, queries = rng.normal(size=(37, 5)), rng.normal(size=(23, 5))
+    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)
+    full = 1 - unit(queries) @ unit(refs).T
+    idx, dist = cosine_nearest(queries, refs, rows=4)
+    assert idx.tolist() == full.argmin(1).tolist() and np.allclose(dist, full.min(1))
+    own = 1 - unit(refs) @ unit(refs).T
+    np.fill_diagonal(own, np.inf)
+    idx, dist = cosine_nearest(refs, refs, exclude_self=True, rows=5)
+    assert idx.tolist() == own.argmin(1).tolist() and np.allclose(dist, own.min(1))

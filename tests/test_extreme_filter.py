@@ -1,5 +1,7 @@
 """evaluator.py's App. D filter beyond the symmetric top-k: k per class (the Young set of [ZSI] Sec. 5.4), a pluggable
 stage-1 scorer, the flag values, the 4-class names of App. F, and where sample.py finds a run's evaluator."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -120,14 +122,24 @@ def test_class_names_follow_the_labels_of_the_two_attribute_loader():
     assert class_names(["Smiling"]) == ["not Smiling", "Smiling"]
 
 
-def save_evaluator(path, kind="evaluator"):
+def save_evaluator(path, kind="evaluator", attr="Smiling", image_size=64):
     model = evaluator.EvalConfig(width=4).build()
-    ckpt_io.save_atomic(dict(kind=kind, config=dict(evaluator=dict(width=4, num_classes=2)),
+    ckpt_io.save_atomic(dict(kind=kind, config=dict(evaluator=dict(width=4, num_classes=2),
+                                                    data=dict(attrs=[attr], image_size=image_size)),
                              model=model.state_dict()), path)
     return path
 
 
-CELEBA = dict(name="celeba", attrs=["Smiling"], subset=None)
+CELEBA = dict(name="celeba", attrs=["Smiling"], subset=None, image_size=64)
+
+
+def test_a_stage_1_that_keeps_fewer_images_than_members_is_one_line_before_the_ensemble(monkeypatch):
+    values, labels = np.array([10, 250, 128]), np.array([0, 1, 0])     # 128: p(own label) 0.49 < τ1
+    images = np.broadcast_to(values[:, None, None, None], (3, 2, 2, 3)).astype(np.uint8)
+    monkeypatch.setattr(evaluator, "train_clean_classifier", lambda *a, **k: pytest.fail("no member is trained"))
+    with pytest.raises(InputError, match=r"kept 2 of 3 images, fewer than the 3 ensemble members"):
+        evaluator.extreme_filter(images, labels, images, labels, Brightness(), sizes=[2], tau1=0.6, members=3,
+                                 log=lambda m: None, stage1=lambda imgs: evaluator.predict_probs(Brightness(), imgs))
 
 
 def test_evaluator_paths_look_in_the_run_then_next_to_the_subset_file(tmp_path):
@@ -142,7 +154,7 @@ def test_evaluator_paths_look_in_the_run_then_next_to_the_subset_file(tmp_path):
     save_evaluator(given)
     assert evaluator.evaluator_paths([str(given)], data, run) == [given]
     two = dict(data, attrs=["Smiling", "Black_Hair/Blond_Hair"])
-    hair = save_evaluator(filtered / "evaluator_Black_Hair_Blond_Hair.pt")
+    hair = save_evaluator(filtered / "evaluator_Black_Hair_Blond_Hair.pt", attr="Black_Hair/Blond_Hair")
     assert evaluator.evaluator_paths(None, two, run) == [own, hair]      # one per attribute, in --attr order
     assert evaluator.evaluator_paths(None, dict(name="circles"), run) == []
 
@@ -162,12 +174,32 @@ def test_evaluator_paths_refuse_a_checkpoint_that_is_not_an_evaluator(tmp_path):
         evaluator.evaluator_paths([str(path)], CELEBA, tmp_path)
 
 
+def test_evaluator_paths_refuse_evaluators_of_another_attribute_size_or_count(tmp_path):
+    hair = str(save_evaluator(tmp_path / "hair.pt", attr="Black_Hair/Blond_Hair"))
+    small = str(save_evaluator(tmp_path / "small.pt", image_size=16))
+    smile = str(save_evaluator(tmp_path / "smile.pt"))
+    for given, message in (([hair], "scores Black_Hair/Blond_Hair at 64px, the run needs Smiling at 64px"),
+                           ([small], "scores Smiling at 16px, the run needs Smiling at 64px"),
+                           ([smile, smile], "got 2 --evaluator for the run's 1 attribute"),
+                           ([hair, smile], "got 2 --evaluator")):
+        with pytest.raises(InputError, match=message):
+            evaluator.evaluator_paths(given, CELEBA, tmp_path)
+    two = dict(CELEBA, attrs=["Smiling", "Black_Hair/Blond_Hair"])
+    assert evaluator.evaluator_paths([smile, hair], two, tmp_path) == [Path(smile), Path(hair)]
+    with pytest.raises(InputError, match="needs Smiling"):                        # --attr order
+        evaluator.evaluator_paths([hair, smile], two, tmp_path)
+    with pytest.raises(InputError, match="circles data, scored without one: drop --evaluator"):
+        evaluator.evaluator_paths([smile], dict(name="circles"), tmp_path)
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--top-k", "7000"], "--top-k 7000 has 1 value(s)"),
     (["--top-k", "0,15000"], "--top-k 0,15000: every k must be a positive integer"),
     (["--attr", "Smiling,Young", "--top-k", "7,15"], "for each attribute in --attr order"),
     (["--top-k", "7,15", "--train-size", "60"], "pass one of them"),
     (["--train-size", "1"], "--train-size takes subset sizes >= 2"),
+    (["--attr", "Smiling,Smiling"], "an attribute is given twice"),
+    (["--attr", "Smiling,Young,Male"], "the filter takes one attribute or two"),
 ])
 def test_train_py_checks_the_top_k_flags_before_reading_data(tmp_path, monkeypatch, capsys, flags, message):
     import train

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +45,9 @@ def test_a_test_stage_that_times_out_reports_the_tests_it_finished(tmp_path):
 
 def test_bench_and_circles_stages_report_what_their_commands_wrote(tmp_path):
     out, run = tmp_path / "out", tmp_path / "run"
-    proc = gpu_check("--stages", "bench,circles", "--out", out, "--run-dir", run)
+    proc = subprocess.run([sys.executable, str(ROOT / "gpu_check.py"), "--device", "cpu", "--stages", "bench,circles",
+                           "--out", "out", "--run-dir", "run"], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=600)                  # relative folders, from outside the repository
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads((out / "gpu_check.json").read_text())
     assert report["quick"] is True and report["host"]["device"] == "cpu"
@@ -63,7 +66,10 @@ def test_bench_and_circles_stages_report_what_their_commands_wrote(tmp_path):
     assert f"{rate:.2f} steps/s" in md and "| cpu preset 32px | 0.72M | channels_last | 2 |" in md
 
 
-def test_an_unknown_stage_is_one_line_and_nothing_runs(tmp_path):
-    proc = gpu_check("--stages", "tests,fly", "--out", tmp_path / "out")
+@pytest.mark.parametrize("flags,message", [(["--stages", "tests,fly"], "unknown ['fly']"),
+                                           (["--stages", ""], "unknown ['']"),
+                                           (["--stage-timeout", "-5"], "--stage-timeout")])
+def test_bad_flags_are_one_line_and_nothing_runs(tmp_path, flags, message):
+    proc = gpu_check(*flags, "--out", tmp_path / "out")
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
-    assert "unknown ['fly']" in proc.stderr and not (tmp_path / "out").exists()
+    assert message in proc.stderr and not (tmp_path / "out").exists()

@@ -276,7 +276,8 @@ def test_sample_quality_against_full_and_mild(tree, celeba_run):
     (["--reference", "{root}/full.txt"], "add --quality"),
     (["--quality", "--inception-weights", "{root}/nope.pth"], "--inception-weights {root}/nope.pth not found"),
     (["--quality", "--inception-weights", "{root}/full.txt"], "not a readable state_dict"),
-    (["--quality", "--reference", "{root}/nope.txt"], "index file {root}/nope.txt does not exist"),
+    (["--quality", "--reference", "{root}/nope.txt"], "'{root}/nope.txt' is not a file"),
+    (["--quality", "--reference", "full="], "--reference full=: '' is not a file"),
 ])
 def test_sample_bad_quality_input_fails_before_sampling(tree, celeba_run, flags, message):
     root = tree[0]

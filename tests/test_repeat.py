@@ -225,6 +225,18 @@ def test_sweep_rows_keep_every_reference_sets_figures():
     from sweep import row_of
     report = {"guidance": "classifier30-30", "fid_pixels": 5.0, "fid_inception_full": 8.1, "fid_inception_mild": 12.7,
               "precision_inception_mild": 0.75, "kld_paper_classifier30-30": 0.6, "kld_paper": 9.9,
+              "kld_paper_training_data": 3.2, "mse_paper_unguided": 0.5,
               "extractor_inception": "FID Inception v3 pool3", "seed": 0}
     assert row_of(report) == {"fid_pixels": 5.0, "fid_inception_full": 8.1, "fid_inception_mild": 12.7,
                               "precision_inception_mild": 0.75, "kld_paper": 0.6}
+
+
+def test_repeat_checks_the_classifiers_flags_before_sampling_anything(tiny_run, tmp_path):
+    run_dir = tmp_path / "rep"
+    shutil.copytree(tiny_run, run_dir)
+    proc = run("repeat.py", "--run", run_dir, "--seeds", "1", "--num-samples", "2", "--tag", "_z",
+               "--train-args=--classifier-steps 0", ok=False)
+    assert proc.returncode == 2 and "--classifier-steps" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (run_dir / "samples" / "repeat_unguided").exists()
+    proc = run("repeat.py", "--run", run_dir, "--evaluator", "e.pt", ok=False)       # circles: no evaluator
+    assert proc.returncode == 2 and "drop --evaluator" in proc.stderr

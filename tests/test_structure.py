@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # on top. A new file must be placed here.
 LAYERS = [
     {"cli"},                                                     # the one error type, flag parsers
+    {"augment"},                                                 # the classifier's zoom-crop, under data.Batches
     {"data", "ddpm", "unet", "device", "cpu_preset", "guidance", "inception"},
     {"dit", "classifier"},                                       # build on unet.py's blocks
     {"checkpoint"},
@@ -97,3 +98,14 @@ def test_tracked_files_hold_no_chronology_or_outside_references():
             continue
         hits += [f"{path.relative_to(ROOT)}:{i}" for i, line in enumerate(text.splitlines(), 1) if pattern.search(line)]
     assert hits == []
+
+
+def test_readme_file_table_gives_each_files_line_count():
+    """README's "What is where" rows (`| [file](file), [file](file) | n, n | what |`) count the lines each file has."""
+    rows = re.findall(r"^\| ((?:\[`\w+\.py`\]\(\w+\.py\)(?:, )?)+) \| ([\d, ]+) \|", (ROOT / "README.md").read_text(),
+                      re.M)
+    assert len(rows) >= 15
+    for files, counts in rows:
+        names = re.findall(r"\[`(\w+\.py)`\]", files)
+        got = [len((ROOT / n).read_text().splitlines()) for n in names]
+        assert [int(c) for c in counts.split(",")] == got, f"README: {names} have {got} lines"

@@ -142,3 +142,19 @@ def test_paper_preset_global_batch_is_the_official_128_split_64_per_rank_on_two(
     config.check_run(args, run_config, torch.device("cpu"), 2, ("ddpm", "classifier"), tmp_path, "classifier")
     with pytest.raises(config.InputError, match="not divisible by the 3 processes"):
         config.check_run(args, run_config, torch.device("cpu"), 3, ("ddpm",), tmp_path, "classifier")
+
+
+def test_a_classifier_guides_any_run_on_its_chain_and_image_size():
+    """p(y | x_t, t) depends on q(x_t | x_0) (schedule, T) and the image size, not on the DDPM's loss or variance."""
+    from cli import InputError
+    run = dict(data=dict(name="circles", image_size=32), diffusion=dict(schedule="cosine", diffusion_steps=4000,
+                                                                         loss_type="vlb", learn_sigma=False))
+    clf = dict(data=dict(name="folder", image_size=32), diffusion=dict(diffusion_steps=4000, loss_type="hybrid",
+                                                                        learn_sigma=True, vb_scale=2.0))
+    ckpt_io.check_classifier_fits(clf, run, "c.pt", "runs/x")          # an old config without "schedule": cosine
+    for change, message in ((dict(diffusion_steps=1000), "cosine/1000 chain"), (dict(schedule="linear"), "linear")):
+        other = dict(clf, diffusion=dict(clf["diffusion"], **change))
+        with pytest.raises(InputError, match=message):
+            ckpt_io.check_classifier_fits(other, run, "c.pt", "runs/x")
+    with pytest.raises(InputError, match="takes 16px images"):
+        ckpt_io.check_classifier_fits(dict(clf, data=dict(name="folder", image_size=16)), run, "c.pt", "runs/x")
