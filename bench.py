@@ -16,7 +16,6 @@ through torch's scaled_dot_product_attention (fused kernels); "sdpa_math" forces
 max allocated after the mode's first steps, or on CPU the process's maximum resident set so far (monotone
 across rows).
 """
-import argparse
 import contextlib
 import copy
 import math
@@ -30,7 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from classifier import ClassifierConfig
-from cli import InputError, one_line_errors
+from cli import ArgumentParser, InputError, one_line_errors
 from ddpm import DiffusionConfig
 from guidance import multi_guidance
 from checkpoint import build_classifier, write_json
@@ -269,7 +268,7 @@ def profile(unet_config, make_classifier, batch, device, mode="fp32", repeats=3)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=float, default=3.0, help="seconds of warm-up per timed step (and >= 3 calls)")

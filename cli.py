@@ -6,12 +6,21 @@ line, `prog: error: <what was wrong and what to do>`, and exits with status 2, a
 `TrainingError` is the other failure: training that cannot go on (a persistently non-finite loss).
 It imports nothing from the project, so every file may use it.
 """
+import argparse
 import contextlib
 import sys
 
 
 class InputError(ValueError):
     """Bad input (flags, files, data, checkpoint, device): printed as one line by the entry points, exit 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's error form: a bad flag is one line, `prog: error: message (see prog --help)`,
+    exit status 2, instead of argparse's usage block before the message."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 class TrainingError(RuntimeError):

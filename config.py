@@ -16,7 +16,7 @@ import torch
 import checkpoint as ckpt_io
 import cpu_preset
 from classifier import ClassifierConfig, default_channel_mult
-from cli import InputError, parse_ints
+from cli import ArgumentParser, InputError, parse_ints
 from augment import OFFICIAL_CROP_SCALE, parse_crop_scale
 from data import CELEBA_LAYOUT
 from ddpm import DiffusionConfig
@@ -46,7 +46,7 @@ TRAIN_DESCRIPTION = "Train the DDPM and the noisy guidance classifier(s) of [ZSI
 
 def parse_args(argv=None):
     """train.py's flags; every default None is filled from the preset by build_config."""
-    p = argparse.ArgumentParser(prog="train.py", description=TRAIN_DESCRIPTION,
+    p = ArgumentParser(prog="train.py", description=TRAIN_DESCRIPTION,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("run")
     g.add_argument("--data", default="circles",

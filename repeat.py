@@ -13,7 +13,6 @@ run's evaluation classifier's p(class 1). Writes <run>/repeats<tag>.md and repea
 an unguided reference) and repeats<tag>.png: per variant each seed's histogram of the evaluated quantity (circle
 centre x/W, or p(class 1)), their mean ± std band and the unguided samples' histogram.
 """
-import argparse
 import json
 import shlex
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 import sample
 import train
 from checkpoint import read_config
-from cli import InputError, parse_lambdas
+from cli import ArgumentParser, InputError, parse_lambdas
 from device import resolve_device
 from evaluate import _pyplot, circle_metrics, host_line, load_samples
 from evaluator import evaluator_paths, load_evaluator, predict_probs
@@ -54,7 +53,7 @@ def evaluated_values(folder, evaluator, device):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", default="runs/circles", help="run folder with a trained DDPM (circles or celeba)")
     p.add_argument("--seeds", type=int, default=5, help="number of seeds (classifiers) per variant")
     p.add_argument("--first-seed", type=int, default=1)

@@ -23,7 +23,7 @@ import torch
 
 import checkpoint as ckpt_io
 import inversion
-from cli import InputError, one_line_errors, parse_lambdas
+from cli import ArgumentParser, InputError, one_line_errors, parse_lambdas
 from cpu_preset import guidance_window
 from data import check_data_paths, save_grid
 from device import amp_default, resolve_device, setup_distributed
@@ -35,7 +35,7 @@ from guidance import multi_guidance
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="sample.py", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="sample.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("what to sample")
     g.add_argument("--run", "--run-dir", dest="run", default="runs/circles",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import checkpoint as ckpt_io
 import sample
-from cli import InputError, one_line_errors
+from cli import ArgumentParser, InputError, one_line_errors
 from evaluate import _pyplot, host_line
 
 # report keys worth a curve, by family; the KLD / L2 keys carry the sample label as a suffix (sample.py)
@@ -76,7 +76,7 @@ def plot(rows, path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--run", default="runs/circles", help="run folder with ddpm.pt and the guidance classifier")
     p.add_argument("--lambdas", default="0,3.5,10,30,50,75,100", help="λ values (paper Fig. S13); 0 = unguided")

@@ -463,3 +463,12 @@ def test_spectral_norm_classifier_is_saved_within_its_bound(tiny_run, tmp_path):
     sigmas = spectral_norm_sigmas(model)
     assert len(sigmas) > 10
     assert max(sigmas.values()) <= 0.5 * (1 + 1e-3) and min(sigmas.values()) >= 0.5 * (1 - 1e-3), sigmas
+
+
+@pytest.mark.parametrize("script,flags", [("train.py", ["--stage1", "nope"]), ("sample.py", ["--sample-steps", "x"]),
+                                          ("repeat.py", ["--seeds", "x"]), ("sweep.py", ["--bogus"]),
+                                          ("bench.py", ["--modes"]), ("gpu_check.py", ["--stage-timeout", "x"])])
+def test_a_bad_flag_is_one_line_in_every_entry_point(script, flags):
+    proc = run(script, *flags, ok=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "usage" not in proc.stderr
+    assert proc.stderr.startswith(f"{script}: error: ") and f"(see {script} --help)" in proc.stderr
