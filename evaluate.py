@@ -155,6 +155,17 @@ def _pyplot():
     return plt
 
 
+def density_axes(ax, xlabel, marks=(), log=False, legend_size=8):
+    """Finish a density plot: each mark a dotted vertical line, log y if asked, axis labels, legend."""
+    for m in marks:
+        ax.axvline(m, color="k", ls=":", lw=1)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("density")
+    ax.legend(fontsize=legend_size)
+
+
 def plot_histograms(named_values, path, xlabel, bins=100, log=False, span=(0, 1), marks=(0.2, 0.8)):
     """Overlaid density histograms (alpha 0.5), e.g. circle centre x/W of training data vs samples.
     span=None: the range of all values, widened to contain [0, 1] (no value is left out)."""
@@ -166,13 +177,7 @@ def plot_histograms(named_values, path, xlabel, bins=100, log=False, span=(0, 1)
     for name, values in named_values.items():
         if len(values):
             ax.hist(values, bins=bins, range=span, alpha=0.5, density=True, label=f"{name} (n={len(values)})")
-    for m in marks:
-        ax.axvline(m, color="k", ls=":", lw=1)
-    if log:
-        ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("density")
-    ax.legend(fontsize=8)
+    density_axes(ax, xlabel, marks, log)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -232,11 +237,7 @@ def plot_overview(unguided, guided, named_values, path, title=""):
     for name, values in named_values.items():
         if len(values):
             ax.hist(values, bins=50, range=(0, 1), alpha=0.5, density=True, label=name)
-    for m in (0.2, 0.8):
-        ax.axvline(m, color="k", ls=":", lw=1)
-    ax.set_xlabel("circle centre x / W")
-    ax.set_ylabel("density")
-    ax.legend(fontsize=8)
+    density_axes(ax, "circle centre x / W", marks=(0.2, 0.8))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

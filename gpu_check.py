@@ -34,7 +34,7 @@ from pathlib import Path
 from bench import HEADER, format_row
 from checkpoint import write_json
 from cli import ArgumentParser, InputError, format_time, one_line_errors
-from device import host_info, resolve_device
+from device import amp_default, host_info, resolve_device
 
 ROOT = Path(__file__).resolve().parent
 STAGES = ("tests", "bench", "compile", "profile", "circles")
@@ -166,7 +166,7 @@ def check(args, device, out, stages):
     log = out / "gpu_check.log"
     log.write_text("")
     commands = stage_commands(args, device, out)
-    report = dict(host=host_info(device, amp=device.startswith("cuda")), quick=args.quick, stages={})
+    report = dict(host=host_info(device, amp=amp_default(device)), quick=args.quick, stages={})
     t_start = time.time()
     for name in stages:
         (cmd, timeout) = commands[name]

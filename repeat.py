@@ -24,7 +24,7 @@ import train
 from checkpoint import read_config
 from cli import ArgumentParser, InputError, parse_lambdas
 from device import resolve_device
-from evaluate import _pyplot, circle_metrics, host_line, load_samples
+from evaluate import _pyplot, circle_metrics, density_axes, host_line, load_samples
 from evaluator import evaluator_paths, load_evaluator, predict_probs
 
 VARIANTS = {"plain": [], "sn": ["--spectral-norm"],
@@ -205,14 +205,8 @@ def plot_seed_histograms(named_runs, path, xlabel, bins=50, span=(0, 1), log=Fal
         ax.stairs(mean, edges, color="C0", lw=2, label="mean")
         for k, (name, v) in enumerate((reference or {}).items()):
             ax.stairs(density(v), edges, color=f"C{k + 1}", ls="--", lw=1.2, label=name)
-        for m in marks:
-            ax.axvline(m, color="k", ls=":", lw=1)
-        if log:
-            ax.set_yscale("log")
         ax.set_title(variant, fontsize=9)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("density")
-        ax.legend(fontsize=7)
+        density_axes(ax, xlabel, marks, log, legend_size=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
