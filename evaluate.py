@@ -155,6 +155,16 @@ def _pyplot():
     return plt
 
 
+def show_images(ax, images, nrow):
+    """Draw uint8 images [N, H, W, C] as one grid on a matplotlib axis, pixel for pixel; C = 1 in grey 0..255."""
+    grid = make_grid(images, nrow=nrow)
+    if grid.shape[-1] == 1:
+        ax.imshow(grid[..., 0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    else:
+        ax.imshow(grid, interpolation="nearest")
+    ax.axis("off")
+
+
 def density_axes(ax, xlabel, marks=(), log=False, legend_size=8):
     """Finish a density plot: each mark a dotted vertical line, log y if asked, axis labels, legend."""
     for m in marks:
@@ -230,9 +240,8 @@ def plot_overview(unguided, guided, named_values, path, title=""):
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.3), gridspec_kw=dict(width_ratios=[1, 1, 1.35]))
     for ax, (name, imgs) in zip(axes[:2], (("unguided", unguided), (title or "guided", guided))):
-        ax.imshow(make_grid(imgs[:64], nrow=8), interpolation="nearest")
+        show_images(ax, imgs[:64], nrow=8)
         ax.set_title(name, fontsize=10)
-        ax.axis("off")
     ax = axes[2]
     for name, values in named_values.items():
         if len(values):

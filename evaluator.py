@@ -110,16 +110,17 @@ def _logits(model, images, batch_size=256, device="cpu"):
 
 
 def train_clean_classifier(images, labels, val_images, val_labels, steps=2000, batch_size=64, lr=1e-3,
-                           width=32, seed=0, eval_every=250, device="cpu", log=print):
-    """An EvalNet trained on (images, labels), the step with the best validation accuracy kept.
+                           width=32, seed=0, eval_every=250, device="cpu", log=print, flip=True):
+    """An EvalNet trained on (images uint8 [N, H, W, C], labels), the step with the best validation accuracy kept;
+    flip: random horizontal flips (off for digits: a mirrored digit is no digit).
 
     Returns (model in eval mode, dict(val_accuracy, step)).
     """
     torch.manual_seed(seed)
     k = max(2, int(max(labels.max(), val_labels.max())) + 1)
-    model = EvalConfig(width=width, num_classes=k).build().to(device)
+    model = EvalConfig(in_channels=images.shape[-1], width=width, num_classes=k).build().to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    batches = Batches(images, labels, batch_size, flip=True, seed=seed)
+    batches = Batches(images, labels, batch_size, flip=flip, seed=seed)
     best = (-1.0, 0, None)
     for step in range(1, steps + 1):
         model.train()

@@ -193,8 +193,10 @@ class FIDInceptionV3(nn.Module):
 
 def preprocess(images_u8):
     """uint8 [N, H, W, 3] (numpy or tensor) -> float [N, 3, 299, 299] in [-1, 1]: u8 / 255, bilinear resize
-    (align_corners=False, no antialiasing), then 2x - 1, as pytorch-fid."""
+    (align_corners=False, no antialiasing), then 2x - 1, as pytorch-fid. Grayscale [N, H, W, 1] is repeated to
+    three equal channels, as pytorch-fid's PIL loading converts it to RGB."""
     x = torch.as_tensor(images_u8).permute(0, 3, 1, 2).float() / 255
+    x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
     x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
     return 2 * x - 1
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from cli import InputError
 from data import circles_dataset, load_images, save_grid, to_float, to_uint8
@@ -91,7 +92,7 @@ def edit(diffusion, model, x0, t_start, cond_fn, generator=None):
 # ---------------------------------------------------------------------------------------------------
 
 def inversion_inputs(args, data_config, n):
-    """uint8 real images to invert: --images files, else circles from the training borders (a left and a right
+    """uint8 real images [N, H, W, C] to invert: --images files (C = 1 for a grayscale run), else circles from the training borders (a left and a right
     one for --interpolate, the first n for --edit). args: sample.py's flags. Raises InputError."""
     if args.images:
         paths = [Path(p) for p in args.images.split(",")]
@@ -100,7 +101,10 @@ def inversion_inputs(args, data_config, n):
             raise InputError(f"--images: {', '.join(missing)} not found")
         if args.interpolate and len(paths) != 2:
             raise InputError(f"--interpolate takes exactly two --images, got {len(paths)}")
-        return load_images(paths, data_config["image_size"])
+        images = load_images(paths, data_config["image_size"])
+        if data_config.get("channels", 3) == 1:      # a grayscale run: the files' luma (Rec. 601, as PIL's "L")
+            images = np.stack([np.asarray(Image.fromarray(im).convert("L")) for im in images])[..., None]
+        return images
     if data_config["name"] != "circles":
         raise InputError("--interpolate / --edit need --images A.png,B.png for this run's data")
     d = data_config

@@ -17,8 +17,8 @@ import torch
 
 import checkpoint as ckpt_io
 from cli import InputError
-from data import circles_dataset, load_data, make_grid, to_float
-from evaluate import _pyplot
+from data import circles_dataset, load_data, to_float
+from evaluate import _pyplot, show_images
 from inception import inception_features, load_fid_inception
 
 
@@ -87,9 +87,8 @@ def plot_nearest(samples, train_images, idx, dist, train_dist, path, n=16):
     order = np.argsort(dist)[:n]
     pairs = np.concatenate([samples[order], train_images[idx[order]]])
     fig, axes = plt.subplots(1, 2, figsize=(12, 3.6), gridspec_kw=dict(width_ratios=[1.6, 1]))
-    axes[0].imshow(make_grid(pairs, nrow=len(order)), interpolation="nearest")
+    show_images(axes[0], pairs, nrow=len(order))
     axes[0].set_title("closest samples (top) and their nearest training images (bottom)", fontsize=9)
-    axes[0].axis("off")
     span = (0, max(dist.max(), train_dist.max()) * 1.05 + 1e-9)
     axes[1].hist(train_dist, bins=40, range=span, alpha=0.5, density=True, label="train -> nearest other train")
     axes[1].hist(dist, bins=40, range=span, alpha=0.5, density=True, label="sample -> nearest train")

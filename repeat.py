@@ -4,14 +4,16 @@
   python repeat.py --run runs/circles --seeds 10 --variants plain --lambdas 30,30
   python repeat.py --run runs/circles --seeds 5 --first-seed 6 --variants plain --reuse-unguided   # seeds 6-10
   python repeat.py --run runs/smile --seeds 10 --variants plain  # CelebA: KLD / "MSE" to uniform (Sec. 5.1, App. B)
+  python repeat.py --run runs/mnist --seeds 3 --variants plain   # MNIST: share in the unseen thickness band
 
 For each variant and seed s it trains a guidance classifier `<variant>_seed<s>` in the run folder on the run's data
 with the run's preset (the DDPM is shared, as in the paper; an existing classifier is resumed/reused), samples
 --num-samples images with multi-guidance and evaluates them as sample.py does: circles by the accuracy (one circle,
 centre x/W in [0.2, 0.8]) and the 0/2+-circle rate, CelebA by the KLD and "MSE" to uniform of the histogram of the
-run's evaluation classifier's p(class 1). Writes <run>/repeats<tag>.md and repeats<tag>.json (per seed, mean ± std,
+run's evaluation classifier's p(class 1), MNIST by the share of stroke thickness in the unseen band and the digit
+quality (mnist_eval.py). Writes <run>/repeats<tag>.md and repeats<tag>.json (per seed, mean ± std,
 an unguided reference) and repeats<tag>.png: per variant each seed's histogram of the evaluated quantity (circle
-centre x/W, or p(class 1)), their mean ± std band and the unguided samples' histogram.
+centre x/W, p(class 1) or thickness), their mean ± std band and the unguided samples' histogram.
 """
 import json
 import shlex
@@ -26,6 +28,8 @@ from cli import ArgumentParser, InputError, parse_lambdas
 from device import resolve_device
 from evaluate import _pyplot, circle_metrics, density_axes, host_line, load_samples
 from evaluator import evaluator_paths, load_evaluator, predict_probs
+from mnist_eval import DIGIT_EVALUATOR
+from morpho import stroke_thickness
 
 VARIANTS = {"plain": [], "sn": ["--spectral-norm"],
             "no-mirror": ["--no-mirror-equivariant"]}   # the paper's head (the cpu circles preset is mirror-equivariant)
@@ -33,9 +37,13 @@ VARIANTS = {"plain": [], "sn": ["--spectral-norm"],
 METRICS = {"circles": [("accuracy", "accuracy_middle", "accuracy (middle)", True),
                        ("invalid", "zero_or_multi", "0 or 2+ circles", True)],
            "celeba": [("kld_paper", "kld_paper", "KLD", False), ("mse_paper", "mse_paper", '"MSE"', False),
-                      ("kld_01", "kld_01", "KLD, [0, 1] bins", False), ("l2_01", "l2_01", "L2, [0, 1] bins", False)]}
+                      ("kld_01", "kld_01", "KLD, [0, 1] bins", False), ("l2_01", "l2_01", "L2, [0, 1] bins", False)],
+           "mnist": [("in_band", "in_band_samples", "in the unseen band", True),
+                     ("digit_confident", "digit_confident_samples", "called a digit (p >= 0.9)", True),
+                     ("fid_middle", "fid_middle_samples", "FID to the middle (digit features)", False)]}
 PER_SEED = {"circles": ("middle / none / 2+ (%)", ("accuracy_middle", "zero_circles", "multi_circles"), True),
-            "celeba": ("KLD / \"MSE\"", ("kld_paper", "mse_paper"), False)}
+            "celeba": ("KLD / \"MSE\"", ("kld_paper", "mse_paper"), False),
+            "mnist": ("band / thinner / thicker (%)", ("in_band_samples", "thinner_samples", "thicker_samples"), True)}
 
 
 def report_value(report, key):
@@ -43,10 +51,14 @@ def report_value(report, key):
     return report.get(f"{key}_{report['guidance']}", report.get(key))
 
 
-def evaluated_values(folder, evaluator, device):
+def evaluated_values(folder, evaluator, device, kind="circles"):
     """The quantity each sample of <folder>/samples.npz is evaluated by: circle centre x/W of the single-circle
-    samples (evaluator None), else the evaluation classifier's p(class 1) [N] (the KLD's histogram, App. B)."""
+    samples (circles), the stroke thickness in px of those with a stroke (mnist), else the evaluation classifier's
+    p(class 1) [N] (the KLD's histogram, App. B)."""
     images = load_samples(folder / "samples.npz")
+    if kind == "mnist":
+        t = stroke_thickness(images[..., 0])
+        return t[~np.isnan(t)]
     if evaluator is None:
         return circle_metrics(images)["x"]
     return predict_probs(evaluator, images, device=device)[:, 1].numpy()
@@ -84,21 +96,21 @@ def main(argv=None):
     config = read_config(run / "config.json")
     kind = config["data"]["name"]
     if kind not in METRICS:
-        p.error(f"repeat.py measures circles (middle / broken circles) and celeba (KLD to uniform); {run} holds "
+        p.error(f"repeat.py measures circles (middle / broken circles), celeba (KLD to uniform) and mnist; {run} holds "
                 f"{kind} data")
     try:
         evaluators = evaluator_paths(args.evaluator, config["data"], run)   # a CelebA run without one: InputError
         parse_lambdas(args.lambdas, config["classifier"]["num_classes"])
     except InputError as e:
         p.error(str(e))
-    args.num_samples = args.num_samples or (1000 if kind == "circles" else 10000)
+    args.num_samples = args.num_samples or (10000 if kind == "celeba" else 1000)
     extra_sample = shlex.split(args.sample_args) + ["--num-samples", str(args.num_samples), "--run", str(run)]
     extra_sample += [a for e in args.evaluator or [] for a in ("--evaluator", e)]
     if args.train_args and not args.tag:
         p.error("--train-args changes the classifiers: give them a --tag (e.g. --tag _b32) so that classifiers "
                 "trained earlier under the same names are not reused")
     data_args = ["--data", kind, "--preset", config["train"].get("preset", "cpu")]
-    data_args += ["--data-dir", config["data"]["path"]] if "path" in config["data"] else []
+    data_args += ["--data-dir", config["data"]["path"]] if config["data"].get("path") else []
 
     def train_args(variant, seed):
         return ["--out", str(run), *data_args, "--what", "classifier", "--seed", str(seed), "--classifier-name",
@@ -119,7 +131,7 @@ def main(argv=None):
     device = resolve_device("auto")
     evaluator = load_evaluator(evaluators[0], device)[0] if kind == "celeba" else None
     results["unguided"] = [json.loads(ref.read_text())]
-    values = {"unguided": [evaluated_values(ref.parent, evaluator, device)]}
+    values = {"unguided": [evaluated_values(ref.parent, evaluator, device, kind)]}
     for variant in variants:
         results[variant + args.tag], values[variant + args.tag] = [], []
         for seed in range(args.first_seed, args.first_seed + args.seeds):
@@ -128,7 +140,7 @@ def main(argv=None):
             out = sample.main(["--classifier", name, "--lambdas", args.lambdas, "--name", f"repeat_{name}",
                                "--overwrite", *extra_sample])
             results[variant + args.tag].append(dict(json.loads((out / "report.json").read_text()), seed=seed))
-            values[variant + args.tag].append(evaluated_values(out, evaluator, device))
+            values[variant + args.tag].append(evaluated_values(out, evaluator, device, kind))
             write_tables(run, results, values, args, kind, evaluators)
     return write_tables(run, results, values, args, kind, evaluators)
 
@@ -136,7 +148,7 @@ def main(argv=None):
 def write_tables(run, results, values, args, kind, evaluators):
     """repeats<tag>.md / .json / .png of the runs so far; returns the summary written to the .json."""
     metrics = METRICS[kind]
-    title = "Circles" if kind == "circles" else "CelebA"
+    title = {"circles": "Circles", "celeba": "CelebA", "mnist": "MNIST stroke thickness"}[kind]
     lines = [f"# {title} over seeds: λ = {args.lambdas}, {args.num_samples} samples each", "",
              "| variant | runs | " + " | ".join(f"{col} mean ± std" for _, _, col, _ in metrics)
              + f" | per seed: {PER_SEED[kind][0]} |", "|---" * (len(metrics) + 3) + "|"]
@@ -157,16 +169,23 @@ def write_tables(run, results, values, args, kind, evaluators):
     if kind == "circles":
         note = ("Paper (10 runs, 64px): 78% ± 8.7 (plain), 75% ± 13.3 (spectral norm), 4.25% ± 2.45 with 0 or 2 "
                 "circles.")
-        xlabel, bins, log, marks = "circle centre x / W (single-circle samples)", 50, False, (0.2, 0.8)
+        xlabel, bins, log, marks, span = "circle centre x / W (single-circle samples)", 50, False, (0.2, 0.8), (0, 1)
+    elif kind == "mnist":
+        r = results["unguided"][0]
+        marks = (r["band_low"], r["band_high"])
+        note = (f"Unseen band: stroke thickness strictly inside ({marks[0]:.2f}, {marks[1]:.2f}) px, between the "
+                f"thickest thin and the thinnest thick training digit; digit quality by {DIGIT_EVALUATOR}.")
+        xlabel, bins, log = "stroke thickness (px)", 60, False
+        span = (0, max([float(np.max(v)) for vs in values.values() for v in vs if len(v)] + [2 * marks[1]]))
     else:
         note = (f"Evaluation classifier {evaluators[0].name}; KLD / \"MSE\" (an L2 norm) of its p(class 1) histogram "
                 f"to uniform, 100 bins over the samples' [min, max] as the paper's code ([ZSI] App. B), and over "
                 f"[0, 1].")
-        xlabel, bins, log, marks = f"evaluation classifier p(class 1) ({evaluators[0].stem})", 100, True, (0.5,)
+        xlabel, bins, log, marks, span = f"evaluation classifier p(class 1) ({evaluators[0].stem})", 100, True, (0.5,), (0, 1)
     seeded = {v: runs for v, runs in values.items() if v != "unguided"}
     if seeded:
         bands = plot_seed_histograms(seeded, run / f"repeats{args.tag}.png", xlabel, bins=bins, log=log, marks=marks,
-                                     reference={"unguided": values["unguided"][0]})
+                                     reference={"unguided": values["unguided"][0]}, span=span)
         for v, (edges, mean, sd) in bands.items():
             summary[v]["histogram"] = dict(edges=edges.tolist(), mean=mean.tolist(), std=sd.tolist())
     lines += ["", f"std: sample standard deviation over runs (ddof=1). {note} Classifier seeds: the per-seed column "

@@ -7,10 +7,10 @@
 
 Everything is rebuilt from the run folder (config and checkpoints). Writes a new folder
 <run>/samples/<tag>/ (never overwriting one, unless --overwrite; filled under a temporary name and renamed when
-complete, so a failed run leaves nothing behind) with samples.npz (key `arr_0`: uint8 N×H×W×3, guided-diffusion's
+complete, so a failed run leaves nothing behind) with samples.npz (key `arr_0`: uint8 N×H×W×C, guided-diffusion's
 layout, plus `lambdas`, `seed`, `classifiers`), grid.png, report.json/report.md (with the host, AMP mode and torch
-version), and for circles the histogram of circle centres (training data vs unguided vs guided) and the classifier
-heatmaps (Fig. 7b).
+version), for circles the histogram of circle centres (training data vs unguided vs guided) and the classifier
+heatmaps (Fig. 7b), for MNIST the stroke-thickness histogram and digit quality (mnist_eval.py).
 
   torchrun --nproc_per_node 4 sample.py --run-dir runs/circles --lambdas 30,30   # 4 processes/GPUs, same samples
 """
@@ -32,6 +32,7 @@ from evaluator import attribute_report, evaluator_paths
 from generate import dc_prior, default_batch_size, generate
 from quality import quality_inputs, run_quality_report
 from guidance import multi_guidance
+from mnist_eval import digit_evaluator_path, thickness_report
 
 
 def parse_args(argv=None):
@@ -216,10 +217,11 @@ def main(argv=None):
         cfg_classes = ckpt_io.backbone_config(config).get("num_classes", 0) - 1
         real = check_flags(args, config, diffusion.num_timesteps, classifiers, cfg_classes, world)
         evaluators = [] if real is not None else evaluator_paths(args.evaluator, config["data"], run)   # or fail now
+        digits = config["data"]["name"] == "mnist" and real is None and digit_evaluator_path(run)   # or fail now
         quality = quality_inputs(args.reference, args.inception_weights, config["data"], device) if args.quality else {}
         prior = dc_prior(config, dc)
         circles = config["data"]["name"] == "circles"
-        n = args.num_samples or (1000 if circles else 10000)
+        n = args.num_samples or (1000 if circles or digits else 10000)
         tag = "_".join(f"{nm}{'-'.join(f'{v:g}' for v in l)}" for (nm, _), l in zip(named_paths, lambdas))
         tag = "_".join(filter(None, [tag, f"cfg{args.cfg_scale:g}" if args.cfg_scale is not None else ""])) or "unguided"
         mode = "interpolate_" if args.interpolate else "edit_" if args.edit else ""
@@ -267,6 +269,9 @@ def main(argv=None):
                                                 tmp, named_paths, device, args.heatmaps, seconds))
         if config["data"]["name"] == "sizes":
             report.update(sizes_sample_report(samples, config["data"], tag, tmp))
+        if digits:
+            report.update(thickness_report(samples, config["data"], run, tmp, sample_label(lambdas, args.cfg_scale),
+                                           device, args.seed))
         if evaluators:
             label = "unguided" if not classifiers and args.cfg_scale is None else tag
             report.update(attribute_report(samples, evaluators, config["data"], run, tmp, label, device))

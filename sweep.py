@@ -3,10 +3,12 @@
   python sweep.py --run runs/celeba_smile --lambdas 0,3.5,10,30,50,75,100        # Fig. S13: KLD / "MSE" vs λ
   python sweep.py --run runs/celeba_smile --lambdas 0,10,30,50 --quality          # Table S2: FID / P / R vs λ
   python sweep.py --run runs/circles --lambdas 0,10,30,100 --num-samples 256      # circles: accuracy vs λ
+  python sweep.py --run runs/mnist --lambdas 0,10,30,100                          # digits: thickness band vs λ
 
 For each λ it calls sample.py (λ = 0 is the unguided reference) and collects what that run's report holds:
 on CelebA the evaluation classifier's histogram distances to uniform (paper-exact [min, max] bins and clean
-[0, 1] bins), on circles the accuracy and the 0/2+-circle rate, with --quality FID / precision / recall.
+[0, 1] bins), on circles the accuracy and the 0/2+-circle rate, on MNIST the share in the unseen thickness band and
+the digit quality (mnist_eval.py), with --quality FID / precision / recall.
 Writes <run>/sweeps/<name>/{sweep.md, sweep.json, sweep.png}; each λ's samples stay in <run>/samples/.
 """
 import argparse
@@ -24,6 +26,9 @@ QUALITY = ("fid_", "precision_", "recall_")   # their keys carry the reference s
 FAMILIES = {
     "uniformity (evaluation classifier)": ("kld_paper", "mse_paper", "kld_01", "l2_01"),
     "circles": ("accuracy_middle", "zero_or_multi"),
+    "MNIST thickness, digit quality": ("in_band_samples", "thinner_samples", "thicker_samples", "no_stroke_samples",
+                                       "digit_confident_samples"),
+    "MNIST FID to the held-out middle": ("fid_middle_samples",),
     "FID (log scale)": ("fid_pixels", "fid_classifier", "fid_inception"),
     "precision / recall": ("precision_pixels", "recall_pixels", "precision_classifier", "recall_classifier",
                            "precision_inception", "recall_inception"),

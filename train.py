@@ -37,6 +37,7 @@ from device import amp_default, autocast, check_in_sync, resolve_device, setup_d
 from evaluate import classifier_heatmap, plot_heatmaps, save_samples, unguided_circles_report, write_report
 from evaluator import filter_run, filter_targets, train_evaluator_run
 from generate import dc_prior, generate
+from mnist_eval import DIGIT_EVALUATOR, train_digit_evaluator, unguided_report
 from unet import count_parameters
 
 
@@ -235,6 +236,12 @@ def train_ddpm(config, out, args, device, data, dist=(0, 1), beside=None):
                          device=device, amp=tc["amp"])
             print(f"[ddpm] unguided samples: {report['one_circle'] * 100:.1f}% one circle, "
                   f"{report['one_circle_at_border'] * 100:.1f}% one circle at a border", flush=True)
+        if config["data"]["name"] == "mnist":
+            report = dict(unguided_report(samples, config["data"]), seed=tc["seed"])
+            write_report(report, out, "Unguided EMA samples after DDPM training", stem="ddpm_report",
+                         device=device, amp=tc["amp"])
+            print(f"[ddpm] unguided samples: {report['in_band'] * 100:.1f}% of thickness in the unseen band "
+                  f"({report['band_low']:.2f}, {report['band_high']:.2f}) px", flush=True)
 
 
 def train_classifier(config, out, args, device, name, data, dist=(0, 1)):
@@ -388,7 +395,8 @@ def main(argv=None, check_only=False):
             out.mkdir(parents=True, exist_ok=True)
             steps, width = args.eval_steps or preset["eval_steps"], args.eval_width or preset["eval_width"]
             if args.what == "evaluator":
-                train_evaluator_run(config["data"], out, steps, width, args.seed, device)
+                (train_digit_evaluator if config["data"]["name"] == "mnist" else train_evaluator_run)(
+                    config["data"], out, steps, width, args.seed, device)
             else:
                 targets = filter_targets(args.train_size, args.top_k, len(config["data"]["attrs"]))
                 filter_run(config["data"], out, targets, args.tau1, args.tau2, args.members, steps, width, args.seed,
@@ -414,6 +422,10 @@ def main(argv=None, check_only=False):
             train_ddpm(config, out, args, device, data, (rank, world), beside)
         if "classifier" in what and not (beside is not None and beside.done):
             train_classifier(config, out, args, device, name, data, (rank, world))
+        digits = config["data"]["name"] == "mnist" and not (out / DIGIT_EVALUATOR).exists()
+        if args.what == "all" and digits and rank == 0:
+            train_digit_evaluator(config["data"], out, args.eval_steps or preset["eval_steps"],
+                                  args.eval_width or preset["eval_width"], args.seed, device)   # judges the samples
         if world > 1:
             torch.distributed.destroy_process_group()
     print(f"done: {out}", flush=True)

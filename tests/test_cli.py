@@ -328,6 +328,12 @@ def test_train_flag_combinations_fail_before_the_run_folder_exists(tmp_path, arg
     --top-k 0,5 => --top-k set the App. D filter: add --what filter
     --stage1 evaluator --tau1 5 --train-size 3 => --stage1 --tau1 --train-size set the App. D filter
     --variance large --vb-scale 5 => --variance large has none: drop --vb-scale
+    --data mnist --classifier-crop-scale 1,1.25 => mnist labels the stroke thickness
+    --data mnist --mirror-equivariant => mnist labels do not swap
+    --data mnist --delta 0.7 => the share of digits at each end
+    --data mnist --what filter => --what filter needs --data celeba
+    --what evaluator => or mnist (the digit classifier)
+    --data mnist --data-dir /nonexistent/mnist => MNIST folder /nonexistent/mnist does not exist
 """))
 def test_every_flag_combination_is_checked_in_one_place_before_any_work(tmp_path, monkeypatch, capsys, args, message):
     import train

@@ -13,13 +13,14 @@ ROOT = Path(__file__).resolve().parent.parent
 # on top. A new file must be placed here.
 LAYERS = [
     {"cli"},                                                     # the one error type, flag parsers
-    {"augment"},                                                 # the classifier's zoom-crop, under data.Batches
+    {"augment", "morpho"},                                       # zoom-crop under data.Batches; stroke thickness
+    {"mnist"},                                                   # the digits and their thickness split, under data
     {"data", "ddpm", "unet", "device", "cpu_preset", "guidance", "inception"},
     {"dit", "classifier"},                                       # build on unet.py's blocks
     {"checkpoint"},
     {"evaluate"},
     {"generate", "evaluator", "quality"},
-    {"inversion", "config"},
+    {"inversion", "config", "mnist_eval"},                       # mnist_eval: the digits experiment's report
     {"train", "sample"},
     {"sweep", "repeat", "bench"},
     {"gpu_check"},                                               # runs bench.py, train.py, sample.py, pytest
