@@ -200,15 +200,16 @@ def image_files(folder):
 
 
 def folder_channels(folder):
-    """1 when every image file in `folder` is stored grayscale (its Pillow mode in GREY_MODES, read from the
-    header only), else 3. Raises InputError as image_files, or naming a file Pillow cannot open."""
-    for p in image_files(folder):
-        try:
+    """1 when `folder` holds image files and every one is stored grayscale (its Pillow mode in GREY_MODES, read
+    from the header only), else 3. Reads no pixels and raises nothing: a missing folder or an unreadable file is
+    load_image_folder's error, when the data is read."""
+    try:
+        for p in image_files(folder):
             with Image.open(p) as img:
                 if img.mode not in GREY_MODES:
                     return 3
-        except (OSError, ValueError, SyntaxError) as e:
-            raise InputError(f"cannot read image {p}: {e}; save it as an 8-bit PNG or JPEG") from None
+    except (InputError, OSError, ValueError, SyntaxError):
+        return 3
     return 1
 
 

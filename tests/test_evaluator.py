@@ -213,8 +213,9 @@ def test_train_clean_classifier_defaults_batch_64_and_adamw_1e3(monkeypatch):
             return self.fc(x.flatten(1)) / self.temperature
 
     class Config:
-        def __init__(self, width, num_classes):
+        def __init__(self, width, num_classes, in_channels):
             self.args = (width, num_classes)
+            assert in_channels == 3                 # the images' channel count
 
         def build(self):
             return Linear(*self.args)

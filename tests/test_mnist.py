@@ -233,6 +233,7 @@ def test_a_folder_of_grayscale_files_is_one_channel(tmp_path):
     np.testing.assert_array_equal(images[:, :, :, 0], np.stack([grey] * 3))   # v >> 8 of v·257 is v
     Image.fromarray(np.stack([grey] * 3, -1)).save(tmp_path / "1_2.png")       # one RGB file: colour
     assert folder_channels(tmp_path) == 3
+    assert folder_channels(tmp_path / "missing") == 3              # load_image_folder reports it, when reading
 
 
 def test_repeat_and_sweep_measure_the_thickness_band(mnist_run, tmp_path):
