@@ -283,3 +283,17 @@ def test_quality_report_of_grayscale_samples(mnist_run):
     assert report["fid_pixels"] >= 0 and "fid_classifier" in report
     with Image.open(mnist_run / "samples" / "q" / "nearest_pixels.png") as img:
         assert img.size[0] > 0
+
+
+def test_the_paper_preset_for_digits_is_the_papers_models_at_32_px(tmp_path):
+    import config
+    from checkpoint import build_ddpm
+    write_mnist_folder(tmp_path)
+    c = config.build_config(config.parse_args(["--data", "mnist", "--data-dir", str(tmp_path), "--preset", "paper"]))
+    assert c["data"]["image_size"] == 32 and c["unet"]["in_channels"] == 1 and c["unet"]["out_channels"] == 2
+    assert c["unet"]["model_channels"] == 128 and tuple(c["unet"]["channel_mult"]) == (1, 2, 2, 2)
+    assert c["train"]["batch_size"] == 128 and c["train"]["lr"] == 1e-4 and c["sample_steps"] == 250
+    assert c["guide_t_min"] == 0 and c["dc_correction"] is False                 # none of the CPU preset's additions
+    with torch.device("meta"):
+        model, _ = build_ddpm(c)
+    assert 52e6 < sum(p.numel() for p in model.parameters()) < 53e6
