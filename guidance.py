@@ -14,6 +14,7 @@ gradient is taken at x_t with the original timestep (GaussianDiffusion maps resp
 step; the CPU preset's guidance window is a wrapper of the cond_fn made here (cpu_preset.guidance_window).
 """
 import torch
+import torch.nn.functional as F
 
 
 def multi_guidance(classifiers, lambdas):
@@ -37,6 +38,65 @@ def multi_guidance(classifiers, lambdas):
             return torch.autograd.grad(total, x)[0]
 
     return cond_fn
+
+
+def target_guidance(classifier, q, scale, loss="kl"):
+    """cond_fn pulling the classifier's p(y | x_t, t) towards a target distribution q over its K classes.
+
+    loss="kl":  g = ∇_{x_t} -scale·KL(q ‖ p) = scale·Σ_m q_m ∇ log p_m, which is multi-guidance [ZSI eq. 2] with the
+                asymmetric weights λ_m = scale·q_m; for two classes (logit f, p = σ(f)) g = scale·(q_1 − p_1)·∇f,
+                zero exactly where p(class 1 | x_t) = q_1. q = (1/2, 1/2), scale 60 is the paper's λ = 30, 30.
+    loss="mse": g = ∇_{x_t} -(scale/2)·‖p − q‖², the same fixed point with an extra factor p_m(1 − p_m): weaker
+                where the classifier is sure.
+    loss="logit": two classes only: g = ∇_{x_t} -(scale/2)·(f − f*)², f = log p_1 − log p_0 and f* = log(q_1/q_0):
+                a pull that grows with the distance in logits instead of saturating at scale·q like kl's.
+    q: [K] weights summing to 1, or a function t -> [N, K] (a target that changes with the noise level; t the
+    original timesteps [N]). Returns cond_fn(x_t, t) -> g [N, C, H, W], float32, one forward and backward per step.
+    Raises ValueError for an unknown loss.
+    """
+    if loss not in ("kl", "mse", "logit"):
+        raise ValueError(f"unknown target loss {loss!r}; choose kl, mse or logit")
+    target = q if callable(q) else (lambda t, q=torch.as_tensor(q, dtype=torch.float32): q.expand(len(t), -1))
+
+    def cond_fn(x_t, t):
+        with torch.enable_grad(), torch.autocast(x_t.device.type, enabled=False):
+            x = x_t.detach().float().requires_grad_(True)
+            log_p = torch.log_softmax(classifier(x, t).float(), dim=-1)      # [N, K]
+            q_t = target(t).to(x.device)                                     # [N, K]
+            if loss == "kl":
+                objective = (q_t * log_p).sum()
+            elif loss == "mse":
+                objective = -0.5 * ((log_p.exp() - q_t) ** 2).sum()
+            else:
+                f, f_target = log_p[:, 1] - log_p[:, 0], torch.log(q_t[:, 1]) - torch.log(q_t[:, 0])
+                objective = -0.5 * ((f - f_target) ** 2).sum()
+            return scale * torch.autograd.grad(objective, x)[0]
+
+    return cond_fn
+
+
+def shift_averaged(classifier, shifts):
+    """The classifier averaged over small diagonal translations: x -> log (1/S) Σ_s softmax(f(shift_s x, t)), [N, K].
+
+    shifts: S >= 1; the image moves by d pixels right and down for d in -⌊S/2⌋ .. S-1-⌊S/2⌋ (replicate padding, so
+    the size stays). A strided U-Net classifier trained on the extremes answers differently at positions of
+    different phase on its downsampling lattice (a saw-tooth in p along the gap, RESULTS.md); averaging over S
+    phases (S = 4 for a classifier that downsamples by 4) leaves p's trend across the gap. Test-time augmentation,
+    not in the paper; costs S classifier passes. The output are log-probabilities: log_softmax leaves them as they are.
+    """
+    if shifts <= 1:
+        return classifier
+    offsets = [d - shifts // 2 for d in range(shifts)]
+    pad = max(abs(d) for d in offsets)
+
+    def averaged(x, t):
+        h, w = x.shape[-2:]
+        padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")
+        log_p = [torch.log_softmax(classifier(padded[..., pad - d:pad - d + h, pad - d:pad - d + w], t).float(), -1)
+                 for d in offsets]
+        return torch.logsumexp(torch.stack(log_p), 0) - torch.log(torch.tensor(float(shifts)))
+
+    return averaged
 
 
 def classifier_free(model, lambda_, num_classes):

@@ -4,6 +4,7 @@
   python sample.py --lambdas 0,30                   # regular classifier guidance towards class 1
   python sample.py                                  # unguided
   python sample.py --classifier classifier --lambdas 30,30 --classifier classifier_sn --lambdas 10,10
+  python sample.py --classifier classifier_sn --target 0.35    # discs at x/W = 0.35 of the gap (target.py)
 
 Everything is rebuilt from the run folder (config and checkpoints). Writes a new folder
 <run>/samples/<tag>/ (never overwriting one, unless --overwrite; filled under a temporary name and renamed when
@@ -33,6 +34,7 @@ from generate import dc_prior, default_batch_size, generate
 from quality import quality_inputs, run_quality_report
 from guidance import multi_guidance
 from mnist_eval import digit_evaluator_path, thickness_report
+import target as target_io
 
 
 def parse_args(argv=None):
@@ -100,13 +102,15 @@ def parse_args(argv=None):
     g.add_argument("--heatmaps", choices=["main", "all"], default="main",
                    help="circles: classifier heatmaps (Fig. 7b) of the guidance classifiers and the run's classifier / "
                         "classifier_sn (main), or of every classifier in the run folder (all: slow after a repeat)")
+    target_io.add_arguments(p)
     return p.parse_args(argv)
 
 
 def resolve_classifiers(args, run):
     """[(name, path)] and [λ vectors as strings], checked for count."""
     lambdas = args.lambdas or []
-    names = args.classifier or (["classifier"] if lambdas else [])
+    names = args.classifier or (["classifier"] if lambdas or args.target is not None else [])
+    lambdas = [None] * len(names) if args.target is not None and not lambdas else lambdas  # --target: its own weights
     if len(lambdas) != len(names):
         raise InputError(f"got {len(names)} --classifier and {len(lambdas)} --lambdas; give one --lambdas per "
                          f"--classifier, in the same order")
@@ -201,12 +205,14 @@ def main(argv=None):
         model, diffusion, config = ckpt_io.load_ddpm(run / "ddpm.pt", device)
         check_data_paths(config["data"])                # the reports read it after sampling
         named_paths, lambda_texts = resolve_classifiers(args, run)
-        classifiers, lambdas = [], []
+        classifiers, lambdas, classes = [], [], []
         for (name, path), text in zip(named_paths, lambda_texts):
             clf, clf_config = ckpt_io.load_classifier(path, device)
             ckpt_io.check_classifier_fits(clf_config, config, path, run)
             classifiers.append(clf)
-            lambdas.append(parse_lambdas(text, clf_config["classifier"]["num_classes"]))
+            classes.append(clf_config["classifier"]["num_classes"])
+            lambdas.append(text and parse_lambdas(text, classes[-1]))
+        target_io.check_flags(args, classes)
         guide_t_min_given = args.guide_t_min is not None
         args.sample_steps = config["sample_steps"] if args.sample_steps is None else args.sample_steps
         args.guide_t_min = guide_t_min_default(config, args.edit) if args.guide_t_min is None else args.guide_t_min
@@ -222,7 +228,8 @@ def main(argv=None):
         prior = dc_prior(config, dc)
         circles = config["data"]["name"] == "circles"
         n = args.num_samples or (1000 if circles or digits else 10000)
-        tag = "_".join(f"{nm}{'-'.join(f'{v:g}' for v in l)}" for (nm, _), l in zip(named_paths, lambdas))
+        tag = target_io.tag(args, named_paths) or "_".join(f"{nm}{'-'.join(f'{v:g}' for v in l)}"
+                                                           for (nm, _), l in zip(named_paths, lambdas))
         tag = "_".join(filter(None, [tag, f"cfg{args.cfg_scale:g}" if args.cfg_scale is not None else ""])) or "unguided"
         mode = "interpolate_" if args.interpolate else "edit_" if args.edit else ""
         dc_tag = "" if dc == dc_run else "_dc" if dc else "_nodc"
@@ -234,7 +241,9 @@ def main(argv=None):
         out = output_dir(run, name, args.overwrite)
 
     # The paper's multi-guidance [ZSI eq. 2]; the CPU preset's window t >= guide_t_min around it (0: the paper's).
-    cond_fn = multi_guidance(classifiers, lambdas) if classifiers else None
+    cond_fn = multi_guidance(classifiers, lambdas) if classifiers and args.target is None else None
+    if args.target is not None:     # sampling at a chosen level of the gap (target.py)
+        cond_fn, target_info = target_io.target_cond_fn(args, classifiers[0], diffusion, config["data"], device)
     if cond_fn is not None and t_min > 0:
         cond_fn = guidance_window(cond_fn, t_min)
     chain = diffusion.respace(args.sample_steps)
@@ -250,7 +259,8 @@ def main(argv=None):
     samples = generate(model, chain, n, args.batch_size, args.amp, device, args.seed, cond_fn=cond_fn, ddim=args.ddim,
                        eta=args.eta, verbose=True, channels_last=args.channels_last, dc=prior,
                        cfg=(args.cfg_scale, cfg_classes) if args.cfg_scale is not None else None,
-                       shard=(rank, world), guide_at=args.guide_at)
+                       shard=(rank, world), guide_at=args.guide_at,
+                       corrector=(args.corrector_steps, args.corrector_size, t_min) if args.corrector_steps else None)
     seconds = time.time() - t0
     if world > 1:
         torch.distributed.destroy_process_group()
@@ -264,14 +274,16 @@ def main(argv=None):
                       sampler="ddim" if args.ddim else "ancestral", dc_correction=dc, guide_at=args.guide_at,
                       guide_t_min=t_min if classifiers else None, num_samples=n, seed=args.seed,
                       batch_size=args.batch_size, seconds=round(seconds, 1))
+        label = target_io.label(args) or sample_label(lambdas, args.cfg_scale)
         if circles:
-            report.update(circles_sample_report(samples, sample_label(lambdas, args.cfg_scale), config["data"], run,
-                                                tmp, named_paths, device, args.heatmaps, seconds))
+            report.update(circles_sample_report(samples, label, config["data"], run, tmp, named_paths, device,
+                                                args.heatmaps, seconds))
         if config["data"]["name"] == "sizes":
             report.update(sizes_sample_report(samples, config["data"], tag, tmp))
         if digits:
-            report.update(thickness_report(samples, config["data"], run, tmp, sample_label(lambdas, args.cfg_scale),
-                                           device, args.seed))
+            report.update(thickness_report(samples, config["data"], run, tmp, label, device, args.seed))
+        if args.target is not None:
+            report.update(target_io.target_report(samples, target_info, config["data"], tmp, label))
         if evaluators:
             label = "unguided" if not classifiers and args.cfg_scale is None else tag
             report.update(attribute_report(samples, evaluators, config["data"], run, tmp, label, device))

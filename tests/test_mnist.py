@@ -297,3 +297,12 @@ def test_the_paper_preset_for_digits_is_the_papers_models_at_32_px(tmp_path):
     with torch.device("meta"):
         model, _ = build_ddpm(c)
     assert 52e6 < sum(p.numel() for p in model.parameters()) < 53e6
+
+
+def test_target_sampling_of_a_grayscale_run_measures_thickness(mnist_run):
+    run("sample.py", "--run", mnist_run, "--target", "2.5", "--num-samples", "2", "--batch-size", "2", "--name", "t")
+    report = json.loads((mnist_run / "samples" / "t" / "report.json").read_text())
+    m0, m1 = report["extremes"]                  # mean thickness of the thin and the thick training digits
+    assert m0 < report["band_low"] < report["band_high"] < m1
+    assert report["relative_position"] == pytest.approx((2.5 - m0) / (m1 - m0))
+    assert 0 <= report["broken"] <= 1 and (mnist_run / "samples" / "t" / "histogram_level.png").exists()

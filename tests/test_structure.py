@@ -20,9 +20,9 @@ LAYERS = [
     {"checkpoint"},
     {"evaluate"},
     {"generate", "evaluator", "quality"},
-    {"inversion", "config", "mnist_eval"},                       # mnist_eval: the digits experiment's report
+    {"inversion", "config", "mnist_eval", "target"},             # mnist_eval: the digits experiment's report
     {"train", "sample"},
-    {"sweep", "repeat", "bench"},
+    {"sweep", "repeat", "bench", "target_sweep"},
     {"gpu_check"},                                               # runs bench.py, train.py, sample.py, pytest
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
