@@ -255,13 +255,13 @@ def main(argv=None):
     print(f"[sample] {n} samples, {args.sample_steps} {'DDIM' if args.ddim else 'ancestral'} steps"
           f"{', DC correction' if dc else ''}, guidance {tag}{f' at t >= {t_min}' if classifiers and t_min else ''}, "
           f"device {device} -> {out}", flush=True)
-    t0 = time.time()
+    t0 = time.perf_counter()
     samples = generate(model, chain, n, args.batch_size, args.amp, device, args.seed, cond_fn=cond_fn, ddim=args.ddim,
                        eta=args.eta, verbose=True, channels_last=args.channels_last, dc=prior,
                        cfg=(args.cfg_scale, cfg_classes) if args.cfg_scale is not None else None,
                        shard=(rank, world), guide_at=args.guide_at,
                        corrector=(args.corrector_steps, args.corrector_size, t_min) if args.corrector_steps else None)
-    seconds = time.time() - t0
+    seconds = time.perf_counter() - t0
     if world > 1:
         torch.distributed.destroy_process_group()
         if rank != 0:
@@ -273,7 +273,7 @@ def main(argv=None):
         report = dict(run=str(run), guidance=tag, lambdas=json.dumps(lambdas), steps=args.sample_steps,
                       sampler="ddim" if args.ddim else "ancestral", dc_correction=dc, guide_at=args.guide_at,
                       guide_t_min=t_min if classifiers else None, num_samples=n, seed=args.seed,
-                      batch_size=args.batch_size, seconds=round(seconds, 1))
+                      batch_size=args.batch_size, seconds=seconds)
         label = target_io.label(args) or sample_label(lambdas, args.cfg_scale)
         if circles:
             report.update(circles_sample_report(samples, label, config["data"], run, tmp, named_paths, device,

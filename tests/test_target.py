@@ -236,6 +236,18 @@ def test_target_flags_without_a_target_are_refused_and_defaults_fill_in():
     assert args.target_loss == target.DEFAULTS["target_loss"] and args.target_scale == 7.0
 
 
+def test_sweep_summary_by_hand_and_a_zero_baseline_clock():
+    import target_sweep
+    rows = [dict(method="m", classifier="c", target=t, level_error=e, level_iqr=q, broken=b, seconds_per_sample=s)
+            for t, e, q, b, s in [(0.3, 0.01, 0.05, 0.0, 2.0), (0.7, 0.02, 0.07, 0.1, 4.0)]]
+    s = target_sweep.summary(rows, {"c": 1.0})["m"]
+    assert (s["worst_error"], s["worst_iqr"], s["worst_broken"]) == (0.02, 0.07, 0.1)
+    assert s["mean_error"] == pytest.approx(0.015) and s["broken"] == pytest.approx(0.05) and s["cost"] == 3.0
+    assert not target_sweep.meets_goal(s) and target_sweep.meets_goal(dict(s, worst_broken=0.05))
+    s = target_sweep.summary(rows, {"c": 0.0})["m"]       # a clock that read 0 s: the cost is unknown, not a crash
+    assert np.isnan(s["cost"]) and not target_sweep.meets_goal(dict(s, worst_broken=0.0))
+
+
 def test_target_sweep_tables_match_the_sample_reports(tiny_run):  # noqa: F811
     run("target_sweep.py", "--run", tiny_run, "--targets", "0.3,0.6", "--num-samples", "2", "--name", "t",
         "--method", "kl=--target-loss kl --target-scale 60 --target-shifts 1", "--sample-args", "--sample-steps 2")
