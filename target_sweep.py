@@ -61,8 +61,8 @@ def summary(rows, baseline_seconds):
     out = {}
     for m in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == m]
-        base = [baseline_seconds[r["classifier"]] for r in mine]     # NaN, not a crash, where a clock read 0
-        cost = np.mean([r["seconds_per_sample"] / b if b > 0 else np.nan for r, b in zip(mine, base)])
+        cost = np.mean([r["seconds_per_sample"] / baseline_seconds[r["classifier"]]     # NaN where a clock read 0
+                        if baseline_seconds[r["classifier"]] > 0 else np.nan for r in mine])
         out[m] = dict(worst_error=max(r["level_error"] for r in mine), worst_iqr=max(r["level_iqr"] for r in mine),
                       mean_error=float(np.mean([r["level_error"] for r in mine])),
                       mean_iqr=float(np.mean([r["level_iqr"] for r in mine])),
