@@ -57,14 +57,14 @@ def sampling_model(model, diffusion, device, amp, channels_last=False, cfg=None,
 
 def generate(model, diffusion, num_samples, batch_size=None, amp=True, device="cpu", seed=0, cond_fn=None,
              ddim=False, eta=0.0, verbose=False, channels_last=False, cfg=None, dc=None, shard=(0, 1),
-             guide_at="x_t", corrector=None):
+             guide_at="x_t", corrector=None, resample=None):
     """uint8 [N, H, W, C] samples. Batch b draws its noise from a CPU generator seeded with seed + 1000003·b, so
     the samples depend on (seed, batch size) only, not on how many processes share the work.
 
     shard = (rank, world): this process samples batches b ≡ rank (mod world) and the result is gathered on every
     rank (torchrun). channels_last runs the U-Net in NHWC memory format (faster on CPU, RESULTS.md), same math up
-    to float rounding. cfg, dc: see `sampling_model`. corrector: ancestral only, see ddpm.p_sample_loop. verbose prints
-    progress with rate and ETA.
+    to float rounding. cfg, dc: see `sampling_model`. corrector, resample: ancestral only, see ddpm.p_sample_loop
+    (each batch is one population of particles). verbose prints progress with rate and ETA.
     """
     device = torch.device(device)
     batch_size = default_batch_size(device) if batch_size is None else batch_size
@@ -77,7 +77,7 @@ def generate(model, diffusion, num_samples, batch_size=None, amp=True, device="c
         gen = torch.Generator().manual_seed(seed + 1_000_003 * (i // batch_size))
         shape = (b, model.in_channels, model.image_size, model.image_size)
         loop = diffusion.ddim_sample_loop if ddim else diffusion.p_sample_loop
-        kwargs = dict(eta=eta) if ddim else dict(guide_at=guide_at, corrector=corrector)
+        kwargs = dict(eta=eta) if ddim else dict(guide_at=guide_at, corrector=corrector, resample=resample)
         x = loop(net, shape, cond_fn=cond_fn, generator=gen, device=device,
                  progress=verbose and sys.stderr.isatty(), **kwargs)
         out[i] = to_uint8(x)

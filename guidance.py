@@ -12,6 +12,10 @@ gradient is taken at x_t with the original timestep (GaussianDiffusion maps resp
 [ZSI] Sec. 2.2 writes it at μ_θ(x_t, t) instead (docs/paper_notes.md §16.5). The sampler then shifts the mean by
 Σ ⊙ g (ancestral, `condition_mean`) or ε by -sqrt(1-ᾱ_t) g (DDIM, `condition_score`). The paper guides every
 step; the CPU preset's guidance window is a wrapper of the cond_fn made here (cpu_preset.guidance_window).
+
+For sampling at a chosen level of the gap (target.py; not in the paper): `target_guidance` pulls p(y | x_t) towards
+a target q, `target_potential` is the same aim as a potential for ddpm's sequential Monte Carlo resampling, and
+`shift_averaged` averages a classifier over small translations.
 """
 import torch
 import torch.nn.functional as F
@@ -56,7 +60,7 @@ def target_guidance(classifier, q, scale, loss="kl"):
     """
     if loss not in ("kl", "mse", "logit"):
         raise ValueError(f"unknown target loss {loss!r}; choose kl, mse or logit")
-    target = q if callable(q) else (lambda t, q=torch.as_tensor(q, dtype=torch.float32): q.expand(len(t), -1))
+    target = as_target(q)
 
     def cond_fn(x_t, t):
         with torch.enable_grad(), torch.autocast(x_t.device.type, enabled=False):
@@ -68,11 +72,34 @@ def target_guidance(classifier, q, scale, loss="kl"):
             elif loss == "mse":
                 objective = -0.5 * ((log_p.exp() - q_t) ** 2).sum()
             else:
-                f, f_target = log_p[:, 1] - log_p[:, 0], torch.log(q_t[:, 1]) - torch.log(q_t[:, 0])
-                objective = -0.5 * ((f - f_target) ** 2).sum()
+                objective = -0.5 * logit_gap(log_p, q_t).square().sum()
             return scale * torch.autograd.grad(objective, x)[0]
 
     return cond_fn
+
+
+def as_target(q):
+    """q as a function t [N] -> [N, K]: q itself if it is one, else the fixed weights q [K] repeated."""
+    return q if callable(q) else (lambda t, q=torch.as_tensor(q, dtype=torch.float32): q.expand(len(t), -1))
+
+
+def logit_gap(log_p, q):
+    """f − f* [N] for two classes: f = log p_1 − log p_0 from log-probabilities [N, 2], f* = log(q_1/q_0), q [N, 2]."""
+    return (log_p[:, 1] - log_p[:, 0]) - (torch.log(q[:, 1]) - torch.log(q[:, 0]))
+
+
+def target_potential(classifier, q, scale):
+    """log G(x_t, t) = −(scale/2)·(f − f*)² [N]: the logit loss of `target_guidance` as a potential for ddpm's
+    sequential Monte Carlo resampling (p_sample_loop(resample=...)), float32, no gradient. classifier: two classes;
+    q: [2] or a function t -> [N, 2], as in target_guidance. Not in the paper."""
+    target = as_target(q)
+
+    def log_potential(x_t, t):
+        with torch.no_grad(), torch.autocast(x_t.device.type, enabled=False):
+            log_p = torch.log_softmax(classifier(x_t.float(), t).float(), dim=-1)
+            return -0.5 * scale * logit_gap(log_p, target(t).to(x_t.device)).square()
+
+    return log_potential
 
 
 def shift_averaged(classifier, shifts):

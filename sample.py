@@ -241,9 +241,9 @@ def main(argv=None):
         out = output_dir(run, name, args.overwrite)
 
     # The paper's multi-guidance [ZSI eq. 2]; the CPU preset's window t >= guide_t_min around it (0: the paper's).
-    cond_fn = multi_guidance(classifiers, lambdas) if classifiers and args.target is None else None
+    cond_fn, potential = (multi_guidance(classifiers, lambdas) if classifiers and args.target is None else None), None
     if args.target is not None:     # sampling at a chosen level of the gap (target.py)
-        cond_fn, target_info = target_io.target_cond_fn(args, classifiers[0], diffusion, config["data"], device)
+        cond_fn, potential, aim = target_io.target_cond_fn(args, classifiers[0], diffusion, config["data"], device)
     if cond_fn is not None and t_min > 0:
         cond_fn = guidance_window(cond_fn, t_min)
     chain = diffusion.respace(args.sample_steps)
@@ -260,7 +260,8 @@ def main(argv=None):
                        eta=args.eta, verbose=True, channels_last=args.channels_last, dc=prior,
                        cfg=(args.cfg_scale, cfg_classes) if args.cfg_scale is not None else None,
                        shard=(rank, world), guide_at=args.guide_at,
-                       corrector=(args.corrector_steps, args.corrector_size, t_min) if args.corrector_steps else None)
+                       corrector=(args.corrector_steps, args.corrector_size, t_min) if args.corrector_steps else None,
+                       resample=potential)
     seconds = time.perf_counter() - t0
     if world > 1:
         torch.distributed.destroy_process_group()
@@ -283,7 +284,7 @@ def main(argv=None):
         if digits:
             report.update(thickness_report(samples, config["data"], run, tmp, label, device, args.seed))
         if args.target is not None:
-            report.update(target_io.target_report(samples, target_info, config["data"], tmp, label))
+            report.update(target_io.target_report(samples, aim, config["data"], tmp, label))
         if evaluators:
             label = "unguided" if not classifiers and args.cfg_scale is None else tag
             report.update(attribute_report(samples, evaluators, config["data"], run, tmp, label, device))

@@ -17,7 +17,10 @@ classifier and the training extremes, never an image from the gap.
      λ·(1 − q, q), fixed point p(class 1 | x_t) = q; loss mse / logit: a squared error on p / on its logit), of the
      classifier or of its average over S small shifts (guidance.shift_averaged: removes the saw-tooth in p that a
      strided classifier shows across the gap), optionally with Langevin corrector steps on the guided score at
-     every guided level (ddpm.langevin_step, [RRR] Sec. 4).
+     every guided level (ddpm.langevin_step, [RRR] Sec. 4), and optionally sequential Monte Carlo: the batch is
+     weighted every SMC_EVERY steps by the potential exp(−K/2 (f − f*)²) of the same classifier's logit f and target
+     f* and resampled (guidance.target_potential, ddpm.p_sample_loop(resample=...), [FK] Sec. 3): a narrower spread
+     for copies among the samples (target_report's distinct centres).
 `target_report` measures what came out: median and interquartile range of the level, broken samples (circles:
 0 or 2+ discs; MNIST: no stroke) and a histogram with the target marked.
 """
@@ -27,7 +30,7 @@ import torch
 from cli import InputError
 from data import load_data
 from evaluate import detect_circles, plot_histograms
-from guidance import shift_averaged, target_guidance
+from guidance import shift_averaged, target_guidance, target_potential
 from mnist import mnist_split
 from morpho import stroke_thickness
 
@@ -35,9 +38,10 @@ LEVELS = {"circles": "disc centre x/W", "mnist": "stroke thickness (px)"}   # el
 MAPS = ("linear", "logit")
 LOSSES = ("kl", "mse", "logit")
 Q_CLIP = 0.01
+SMC_EVERY = 4       # --smc-scale: weigh and resample after every 4th of the sampling steps (and the last)
 # sample.py's --target defaults: the best of the methods compared on circles (RESULTS.md, classifier seed 0 tuned them)
 DEFAULTS = dict(target_map="linear", target_loss="logit", target_scale=150.0, target_shifts=4, corrector_steps=0,
-                corrector_size=0.5)
+                corrector_size=0.5, smc_scale=0.0)
 
 
 def add_arguments(parser):
@@ -62,6 +66,9 @@ def add_arguments(parser):
                    help="Langevin corrector steps on the guided score before each guided predictor step (ULA)")
     g.add_argument("--corrector-size", type=float, default=None,
                    help="corrector step ε = this · β_t of the sampling chain")
+    g.add_argument("--smc-scale", type=float, default=None, metavar="K",
+                   help="sequential Monte Carlo: weigh each batch every 4 steps by exp(−K/2 (f − f*)²), f the "
+                        "classifier's logit, f* the target's, and resample it (0: off); narrower, but leaves copies")
 
 
 def check_flags(args, classifier_classes):
@@ -81,20 +88,21 @@ def check_flags(args, classifier_classes):
         raise InputError("--target runs ancestral sampling with classifier guidance: drop --cfg-scale, --ddim, "
                          "--interpolate, --edit and --guide-at")
     if not (np.isfinite(args.target) and args.target_scale > 0 and args.corrector_steps >= 0
-            and args.corrector_size > 0 and 1 <= args.target_shifts <= 8):
+            and args.corrector_size > 0 and 1 <= args.target_shifts <= 8 and 0 <= args.smc_scale < np.inf):
         raise InputError(f"--target must be a finite level, --target-scale and --corrector-size positive, "
-                         f"--corrector-steps >= 0 and --target-shifts in 1..8; got {args.target}, {args.target_scale}, "
-                         f"{args.corrector_size}, {args.corrector_steps}, {args.target_shifts}")
+                         f"--corrector-steps and --smc-scale >= 0 and --target-shifts in 1..8; got {args.target}, "
+                         f"{args.target_scale}, {args.corrector_size}, {args.corrector_steps}, {args.smc_scale}, "
+                         f"{args.target_shifts}")
 
 
 def tag(args, named_paths):
-    """Folder tag of a --target run, e.g. classifier_target0.35_linear_kl60_pc1x0.5; "" without --target."""
+    """Folder tag of a --target run, e.g. classifier_target0.35_linear_kl60_pc1x0.5_smc20; "" without --target."""
     if args.target is None:
         return ""
     corrector = f"_pc{args.corrector_steps}x{args.corrector_size:g}" if args.corrector_steps else ""
     shifts = f"_shift{args.target_shifts}" if args.target_shifts > 1 else ""
     return (f"{named_paths[0][0]}_target{args.target:g}_{args.target_map}_{args.target_loss}{args.target_scale:g}"
-            f"{shifts}{corrector}")
+            f"{shifts}{corrector}{f'_smc{args.smc_scale:g}' if args.smc_scale else ''}")
 
 
 def label(args):
@@ -116,6 +124,17 @@ def measure_levels(images, data_config):
     if name == "mnist":
         return stroke_thickness(images[..., 0])
     return None
+
+
+def distinct_centres(images, batch_size):
+    """Circles: per batch of `batch_size` samples (one population of ddpm's resampling), the distinct disc centres
+    (whole pixels) over the samples with one disc, averaged over the batches; NaN without such samples. Lower when
+    resampling leaves copies; samples drawn independently share a centre only by chance. images: uint8 [N, H, W, C]."""
+    shares = []
+    for i in range(0, len(images), batch_size):
+        centres = [tuple(np.round(c[0]).astype(int)) for n, c, _ in detect_circles(images[i:i + batch_size]) if n == 1]
+        shares += [len(set(centres)) / len(centres)] if centres else []
+    return float(np.mean(shares)) if shares else float("nan")
 
 
 def extreme_levels(data_config):
@@ -179,8 +198,9 @@ def logit_q(classifier, diffusion, images, labels, r, device, per_class=128, see
 
 
 def target_cond_fn(args, classifier, diffusion, data_config, device):
-    """(cond_fn, info) for sample.py --target: target_guidance towards the q of args.target_map (module docstring).
-    info: target, extremes (m_0, m_1 or None), relative position r, q (a float, or "t-dependent")."""
+    """(cond_fn, potential, info) for sample.py --target: target_guidance towards the q of args.target_map (module
+    docstring) and, with --smc-scale K > 0, its target_potential for ddpm's resampling (else None). info: target,
+    extremes (m_0, m_1 or None), relative position r, q (a float, or "t-dependent")."""
     extremes = extreme_levels(data_config)
     r = relative_position(args.target, extremes)
     classifier = shift_averaged(classifier, args.target_shifts)
@@ -192,8 +212,10 @@ def target_cond_fn(args, classifier, diffusion, data_config, device):
         q_text = float(q[1])
     info = dict(target=args.target, target_map=args.target_map, target_loss=args.target_loss,
                 target_scale=args.target_scale, target_shifts=args.target_shifts, corrector_steps=args.corrector_steps,
-                corrector_size=args.corrector_size, extremes=extremes, relative_position=r, q=q_text)
-    return target_guidance(classifier, q, args.target_scale, args.target_loss), info
+                corrector_size=args.corrector_size, smc_scale=args.smc_scale, batch_size=args.batch_size,
+                extremes=extremes, relative_position=r, q=q_text)
+    potential = (target_potential(classifier, q, args.smc_scale), SMC_EVERY) if args.smc_scale else None
+    return target_guidance(classifier, q, args.target_scale, args.target_loss), potential, info
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -210,18 +232,23 @@ def level_stats(levels, target):
 
 
 def target_report(samples, info, data_config, out, label):
-    """sample.py's report for --target: level_stats of the samples (none for data without a level measure) and
-    histogram_level.png: the samples' levels, the training extremes', the target marked."""
+    """sample.py's report for --target: level_stats of the samples (none for data without a level measure), on
+    circles distinct_centres, and histogram_level.png: the samples' levels, the training extremes', the target
+    marked."""
     report = dict(info)
     levels = measure_levels(samples, data_config)
     if levels is None:
         return report
     report.update(level_stats(levels, info["target"]))
+    if data_config["name"] == "circles":
+        report["distinct_centres"] = distinct_centres(samples, info["batch_size"])
     train_images, _ = load_data(data_config)
     train_levels = measure_levels(train_images, data_config)
     plot_histograms({"training extremes": train_levels[~np.isnan(train_levels)],
                      label: levels[~np.isnan(levels)]}, out / "histogram_level.png", LEVELS[data_config["name"]],
                     bins=80, span=None, marks=(info["target"],))
     print(f"[sample] target {info['target']:g}: median {report['level_median']:.3f}, IQR {report['level_iqr']:.3f} "
-          f"({report['level_q25']:.3f}-{report['level_q75']:.3f}), broken {report['broken'] * 100:.1f}%", flush=True)
+          f"({report['level_q25']:.3f}-{report['level_q75']:.3f}), broken {report['broken'] * 100:.1f}%"
+          + (f", distinct centres {report['distinct_centres'] * 100:.0f}% per batch" if "distinct_centres" in report
+             else ""), flush=True)
     return report

@@ -8,7 +8,8 @@
 
 For every classifier it samples plain multi-guidance (--baseline, the paper's λ = 30, 30: the spread and cost the
 methods are measured against), then each method at each target with sample.py --target, and collects from each
-report the level's median, interquartile range and broken share. Writes <run>/target_sweeps/<name>/ with
+report the level's median, interquartile range and broken share (circles: also the distinct centres per batch,
+target.distinct_centres). Writes <run>/target_sweeps/<name>/ with
 target_sweep.md / .json (one row per method, target and classifier; per method the worst |median − target| and IQR
 over targets and classifiers, the broken share and the cost per sample relative to the baseline, same host, same
 process), achieved.png (achieved vs requested level: per classifier the median with q25–q75 bars, the diagonal for
@@ -182,6 +183,7 @@ def main(argv=None):
                 host = rep.get("host")
                 rows.append(dict(method=m, classifier=c, target=level, flags=" ".join(flags), q=rep["q"],
                                  seconds_per_sample=rep["seconds"] / rep["num_samples"], folder=str(out),
+                                 distinct=rep.get("distinct_centres", float("nan")),
                                  **{k: rep[k] for k in ("level_median", "level_q25", "level_q75", "level_iqr",
                                                         "level_error", "broken")}))
     folder.mkdir(parents=True, exist_ok=True)
@@ -230,9 +232,10 @@ def write_tables(run, rows, baselines, per_method, methods, host, args, circles=
     lines += ["", f"Baseline λ = {args.baseline} per classifier: " + "; ".join(
         f"{c}: median {b.get('level_median', float('nan')):.3f}, IQR {b.get('level_iqr', float('nan')):.3f}"
         for c, b in baselines.items()), "",
-        "| method | classifier | target | q | median | q25 | q75 | IQR | broken | s/sample |", "|---" * 10 + "|"]
+        "| method | classifier | target | q | median | q25 | q75 | IQR | broken | distinct centres | s/sample |",
+        "|---" * 11 + "|"]
     lines += [f"| {r['method']} | {r['classifier']} | {r['target']:g} | {_number(r['q'])} | {r['level_median']:.3f} | {r['level_q25']:.3f} | {r['level_q75']:.3f} | {r['level_iqr']:.3f} | "
-              f"{r['broken'] * 100:.1f}% | {r['seconds_per_sample']:.3f} |" for r in rows]
+              f"{r['broken'] * 100:.1f}% | {r['distinct'] * 100:.0f}% | {r['seconds_per_sample']:.3f} |" for r in rows]
     lines += ["", "![achieved](achieved.png) ![grid](grid_targets.png)"
               + (" ![profiles](profiles.png)" if circles else ""), "", f"Host: {host_line(host)}."]
     return lines

@@ -3,7 +3,9 @@
 The sampler is checked on a 1-D two-component Gaussian mixture, where the noised density p_t, its score and the
 exact noisy classifier p_t(y | x) are closed forms: Langevin steps must sample the tilted product
 p_t(x)·p_t(1 | x)^{λq}·p_t(0 | x)^{λ(1−q)} (normalised on a grid as the oracle), and the annealed guided sampler with
-λ = 1 and q = (0, 1) must return the class-1 component itself.
+λ = 1 and q = (0, 1) must return the class-1 component itself. Sequential Monte Carlo resampling on a potential G must
+sample the sampler's own law times G(x_0), both without guidance (the mixture times G) and with it (the class-1
+component times G).
 """
 import argparse
 import json
@@ -14,8 +16,8 @@ import torch
 
 import target
 from data import circles_dataset, render_circles
-from ddpm import GaussianDiffusion, cosine_betas
-from guidance import multi_guidance, shift_averaged, target_guidance
+from ddpm import GaussianDiffusion, cosine_betas, smc_resample
+from guidance import multi_guidance, shift_averaged, target_guidance, target_potential
 from test_cli import run, tiny_run  # noqa: F401  (module fixture: a 16x16 run with a classifier)
 from test_guidance import small_classifier
 
@@ -154,6 +156,47 @@ def test_guided_sampler_with_the_exact_classifier_returns_the_class_component(co
     assert float((x < 0).float().mean()) < 0.002
 
 
+@pytest.mark.parametrize("guided,every", [(False, 1), (True, 1), (True, 7)])
+def test_smc_resampling_samples_the_law_times_the_potential(guided, every):
+    """Unguided: p_0(x)·G(x, 0); guided to class 1 (λ = 1, q = (0, 1)): N(μ_1, S²)·G(x, 0). G = exp(−κ/2 (f − f*)²),
+    f the exact logit, f* = log(q/(1 − q)): both closed forms on a grid, compared with the particles' histogram."""
+    diffusion = GaussianDiffusion(cosine_betas(400), learn_sigma=False, sigma_small=True)
+    toy, kappa, q = Mixture(diffusion), 0.02, (0.7 if guided else 0.3)
+    cond_fn = target_guidance(toy.classifier, [0.0, 1.0], 1.0) if guided else None
+    potential = target_potential(toy.classifier, [1 - q, q], kappa)
+    x = diffusion.p_sample_loop(toy.eps, (20000, 1, 1, 1), cond_fn=cond_fn, clip_denoised=False,
+                                resample=(potential, every), generator=torch.Generator().manual_seed(2))
+    x = x.flatten().numpy()
+    grid = torch.linspace(-1.5, 1.5, 3001, dtype=torch.float64)
+    log_joint = toy.log_joint(grid.view(-1, 1, 1, 1), torch.zeros(len(grid), dtype=torch.long))
+    f = log_joint[:, 1] - log_joint[:, 0]
+    log_law = log_joint[:, 1] if guided else torch.logsumexp(log_joint, -1)      # class 1 alone: N(μ_1, S²)
+    log_density = log_law - 0.5 * kappa * (f - np.log(q / (1 - q))) ** 2
+    density = torch.exp(log_density - log_density.max()).numpy()
+    assert ks_to_density(x, grid.numpy(), density) < 0.045     # resampling leaves ~1/3 of N effective: KS noise ~0.02
+    assert ks_to_density(x, grid.numpy(), torch.exp(log_law - log_law.max()).numpy()) > 0.3    # G is visible
+
+
+def test_smc_resample_draws_by_weight_and_leaves_equal_weights_alone():
+    x, log_g = torch.arange(4.0), torch.tensor([0.0, -1.0, -2.0, -3.0])
+    same = smc_resample(x, log_g, torch.zeros(4))
+    assert same[0] is x and same[1] is log_g
+    got, got_g, log_w = smc_resample(x, log_g, torch.tensor([0.0, -np.inf, -np.inf, -np.inf]))
+    assert (got == 0).all() and (got_g == 0).all() and (log_w == 0).all()
+    x = torch.arange(40000) % 4
+    weights = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    got = smc_resample(x, x.float(), torch.log(weights[x]))[0]     # P(value k) ∝ 10000·weight_k
+    share = torch.bincount(got, minlength=4).double() / len(got)
+    assert torch.allclose(share, weights.double(), atol=0.015)
+
+
+def test_target_potential_is_minus_half_scale_logit_gap_squared():
+    logits = torch.tensor([[0.0, 1.0], [2.0, -1.0]])
+    potential = target_potential(lambda x, t: logits, [0.2, 0.8], 3.0)(torch.zeros(2, 1), torch.zeros(2))
+    f, f_star = torch.tensor([1.0, -3.0]), np.log(4.0)
+    assert torch.allclose(potential, -1.5 * (f - f_star) ** 2)
+
+
 # ----- levels and maps -----
 
 def test_levels_of_circles_and_broken_images():
@@ -163,6 +206,15 @@ def test_levels_of_circles_and_broken_images():
     np.testing.assert_allclose(levels[:2], [4 / 16, 11 / 16], atol=1e-9)
     assert np.isnan(levels[2:]).all()
     assert target.measure_levels(images, dict(name="celeba")) is None
+
+
+def test_distinct_centres_per_batch_by_hand():
+    """Batch 1: two discs at (5, 5) and one at (10, 3): 2 distinct of 3; batch 2: (9, 9) and an empty image: 1 of 1."""
+    centres = [[[5, 5]], [[5, 5]], [[10, 3]], [[9, 9]], np.zeros((0, 2))]
+    images = render_circles([np.array(c, dtype=float).reshape(-1, 2) for c in centres], 16, radius=2)
+    assert target.distinct_centres(images, 3) == pytest.approx((2 / 3 + 1) / 2)
+    assert target.distinct_centres(images, 5) == pytest.approx(3 / 4)
+    assert np.isnan(target.distinct_centres(images[4:], 3))
 
 
 def test_extreme_levels_are_the_mean_training_positions():
@@ -202,13 +254,13 @@ def test_level_stats_by_hand():
 # ----- sample.py --target -----
 
 def test_sample_at_a_target_writes_the_level_report(tiny_run):  # noqa: F811
-    run("sample.py", "--run", tiny_run, "--target", "0.4", "--corrector-steps", "1", "--num-samples", "4",
-        "--sample-steps", "3")
-    out = tiny_run / "samples" / "classifier_target0.4_linear_logit150_shift4_pc1x0.5_steps3_n4_seed0"   # defaults
+    run("sample.py", "--run", tiny_run, "--target", "0.4", "--corrector-steps", "1", "--smc-scale", "5",
+        "--num-samples", "4", "--sample-steps", "3")
+    out = tiny_run / "samples" / "classifier_target0.4_linear_logit150_shift4_pc1x0.5_smc5_steps3_n4_seed0"  # defaults
     report = json.loads((out / "report.json").read_text())
     m0, m1 = report["extremes"]
     assert report["relative_position"] == pytest.approx((0.4 - m0) / (m1 - m0))
-    assert report["q"] == pytest.approx(report["relative_position"])
+    assert report["q"] == pytest.approx(report["relative_position"]) and report["smc_scale"] == 5
     for key in ("level_median", "level_iqr", "broken", "accuracy_middle"):
         assert key in report, key
     assert (out / "histogram_level.png").exists() and (out / "grid.png").exists()
@@ -219,6 +271,8 @@ def test_sample_at_a_target_writes_the_level_report(tiny_run):  # noqa: F811
     (["--corrector-steps", "2"], "add --target"),
     (["--target", "0.4", "--target-scale", "0"], "--target-scale and --corrector-size positive"),
     (["--target", "nan"], "--target must be a finite level"),
+    (["--target", "0.4", "--smc-scale", "-1"], "--smc-scale >= 0"),
+    (["--smc-scale", "3"], "--smc-scale shapes --target sampling: add --target"),
     (["--target", "0.4", "--ddim"], "drop --cfg-scale, --ddim"),
 ])
 def test_target_bad_input_is_one_line_exit_2(tiny_run, args, message):  # noqa: F811
@@ -258,6 +312,7 @@ def test_target_sweep_tables_match_the_sample_reports(tiny_run):  # noqa: F811
         report = json.loads((tiny_run / "samples" / f"target_t_kl_classifier_{r['target']:g}" / "report.json").read_text())
         assert r["level_median"] == report["level_median"] or np.isnan(report["level_median"])
         assert r["broken"] == report["broken"]
+        assert r["distinct"] == report["distinct_centres"] or np.isnan(report["distinct_centres"])
     base = json.loads((tiny_run / "samples" / "target_t_baseline_classifier" / "report.json").read_text())
     cost = np.mean([r["seconds_per_sample"] for r in result["rows"]]) / (base["seconds"] / base["num_samples"])
     assert result["methods"]["kl"]["cost"] == pytest.approx(cost)
