@@ -388,8 +388,9 @@ class GaussianDiffusion:
         last, particle n's log weight grows by log G(x_n, s) − its previous log G, s the level reached (0 for the
         final sample), and the batch is resampled (multinomial, `generator`) when the effective sample size
         1/Σ w_n² falls below N/2, and once at the end. The weights telescope, so for any `every` the batch samples
-        the sampler's own law times G(x_0, 0): with cond_fn None, p_θ(x_0)·G(x_0, 0); the guided proposal is not
-        reweighted. Copies of one particle share their history: fewer distinct samples than N.
+        the sampler's own law times G(x_0, 0), exactly as N → ∞ (with cond_fn None, p_θ(x_0)·G(x_0, 0)); the guided
+        proposal is not reweighted. Copies of one particle share their history, those drawn at the end are
+        identical: fewer distinct samples than N.
         """
         device = device or (noise.device if noise is not None else "cpu")
         randn = lambda: torch.randn(*shape, generator=generator).to(device)

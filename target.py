@@ -20,7 +20,8 @@ classifier and the training extremes, never an image from the gap.
      every guided level (ddpm.langevin_step, [RRR] Sec. 4), and optionally sequential Monte Carlo: the batch is
      weighted every SMC_EVERY steps by the potential exp(−K/2 (f − f*)²) of the same classifier's logit f and target
      f* and resampled (guidance.target_potential, ddpm.p_sample_loop(resample=...), [FK] Sec. 3): a narrower spread
-     for copies among the samples (target_report's distinct centres).
+     for copies among the samples (target_report's distinct centres). The population is the batch: --batch-size
+     sets it (64 on CPU, 256 on CUDA), and a last batch of one sample is not resampled.
 `target_report` measures what came out: median and interquartile range of the level, broken samples (circles:
 0 or 2+ discs; MNIST: no stroke) and a histogram with the target marked.
 """
@@ -39,6 +40,7 @@ MAPS = ("linear", "logit")
 LOSSES = ("kl", "mse", "logit")
 Q_CLIP = 0.01
 SMC_EVERY = 4       # --smc-scale: weigh and resample after every 4th of the sampling steps (and the last)
+SMC_MAX = 1e6       # --smc-scale above this: the potential −K/2·(f − f*)² overflows float32 for |f − f*| ≳ 1e16
 # sample.py's --target defaults: the best of the methods compared on circles (RESULTS.md, classifier seed 0 tuned them)
 DEFAULTS = dict(target_map="linear", target_loss="logit", target_scale=150.0, target_shifts=4, corrector_steps=0,
                 corrector_size=0.5, smc_scale=0.0)
@@ -67,8 +69,9 @@ def add_arguments(parser):
     g.add_argument("--corrector-size", type=float, default=None,
                    help="corrector step ε = this · β_t of the sampling chain")
     g.add_argument("--smc-scale", type=float, default=None, metavar="K",
-                   help="sequential Monte Carlo: weigh each batch every 4 steps by exp(−K/2 (f − f*)²), f the "
-                        "classifier's logit, f* the target's, and resample it (0: off); narrower, but leaves copies")
+                   help=f"sequential Monte Carlo: each batch (--batch-size samples) is a population, weighed every "
+                        f"{SMC_EVERY} steps by exp(−K/2 (f − f*)²), f the classifier's logit, f* the target's, and "
+                        f"resampled (0: off; needs batches of 2 or more); narrower, but leaves copies")
 
 
 def check_flags(args, classifier_classes):
@@ -88,11 +91,13 @@ def check_flags(args, classifier_classes):
         raise InputError("--target runs ancestral sampling with classifier guidance: drop --cfg-scale, --ddim, "
                          "--interpolate, --edit and --guide-at")
     if not (np.isfinite(args.target) and args.target_scale > 0 and args.corrector_steps >= 0
-            and args.corrector_size > 0 and 1 <= args.target_shifts <= 8 and 0 <= args.smc_scale < np.inf):
+            and args.corrector_size > 0 and 1 <= args.target_shifts <= 8 and 0 <= args.smc_scale <= SMC_MAX):
         raise InputError(f"--target must be a finite level, --target-scale and --corrector-size positive, "
-                         f"--corrector-steps and --smc-scale >= 0 and --target-shifts in 1..8; got {args.target}, "
-                         f"{args.target_scale}, {args.corrector_size}, {args.corrector_steps}, {args.smc_scale}, "
-                         f"{args.target_shifts}")
+                         f"--corrector-steps >= 0, --smc-scale in [0, {SMC_MAX:g}] and --target-shifts in 1..8; got "
+                         f"{args.target}, {args.target_scale}, {args.corrector_size}, {args.corrector_steps}, "
+                         f"{args.smc_scale}, {args.target_shifts}")
+    if args.smc_scale and args.batch_size < 2:
+        raise InputError(f"--smc-scale resamples within each batch: use --batch-size 2 or more (got {args.batch_size})")
 
 
 def tag(args, named_paths):

@@ -214,6 +214,10 @@ def _number(v):
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
+def _percent(v):
+    return "—" if np.isnan(v) else f"{v * 100:.0f}%"
+
+
 def meets_goal(s):
     """The circles goal: every |median − target| <= 0.03 and IQR <= 0.08, <= 5% broken, <= 3× the cost."""
     return (s["worst_error"] <= GOAL["error"] and s["worst_iqr"] <= GOAL["iqr"] and s["worst_broken"] <= GOAL["broken"]
@@ -235,7 +239,7 @@ def write_tables(run, rows, baselines, per_method, methods, host, args, circles=
         "| method | classifier | target | q | median | q25 | q75 | IQR | broken | distinct centres | s/sample |",
         "|---" * 11 + "|"]
     lines += [f"| {r['method']} | {r['classifier']} | {r['target']:g} | {_number(r['q'])} | {r['level_median']:.3f} | {r['level_q25']:.3f} | {r['level_q75']:.3f} | {r['level_iqr']:.3f} | "
-              f"{r['broken'] * 100:.1f}% | {r['distinct'] * 100:.0f}% | {r['seconds_per_sample']:.3f} |" for r in rows]
+              f"{r['broken'] * 100:.1f}% | {_percent(r['distinct'])} | {r['seconds_per_sample']:.3f} |" for r in rows]
     lines += ["", "![achieved](achieved.png) ![grid](grid_targets.png)"
               + (" ![profiles](profiles.png)" if circles else ""), "", f"Host: {host_line(host)}."]
     return lines

@@ -426,7 +426,8 @@ def main(argv=None, check_only=False):
         if args.what == "all" and digits and rank == 0:
             train_digit_evaluator(config["data"], out, args.eval_steps or preset["eval_steps"],
                                   args.eval_width or preset["eval_width"], args.seed, device)   # judges the samples
-        if world > 1:
+        if world > 1:   # rank 0 may still be plotting: a rank that tears gloo down alone can abort (SIGABRT)
+            torch.distributed.barrier()
             torch.distributed.destroy_process_group()
     print(f"done: {out}", flush=True)
 

@@ -177,6 +177,25 @@ def test_smc_resampling_samples_the_law_times_the_potential(guided, every):
     assert ks_to_density(x, grid.numpy(), torch.exp(log_law - log_law.max()).numpy()) > 0.3    # G is visible
 
 
+def test_smc_potential_sees_the_original_timestep_of_the_level_reached_and_the_seed_fixes_the_draws():
+    """On a respaced chain the potential is called after every `every`-th step i with timestep_map[max(i − 1, 0)];
+    the resampling draws from the sampler's generator, so a seed gives the same samples twice."""
+    base = GaussianDiffusion(cosine_betas(100), learn_sigma=False, sigma_small=True)
+    diffusion, toy, seen = base.respace(10), Mixture(base), []                # the networks see original timesteps
+
+    def potential(x, t):
+        seen.append(int(t[0]))
+        return -0.5 * x.flatten() ** 2 / 0.01                   # strong: every call leaves ESS < N/2
+
+    def draw(seed):
+        return diffusion.p_sample_loop(toy.eps, (500, 1, 1, 1), clip_denoised=False, resample=(potential, 3),
+                                       generator=torch.Generator().manual_seed(seed))
+
+    first = draw(0)
+    assert seen == [int(diffusion.timestep_map[max(i - 1, 0)]) for i in (9, 6, 3, 0)]
+    assert torch.equal(first, draw(0)) and not torch.equal(first, draw(1))
+
+
 def test_smc_resample_draws_by_weight_and_leaves_equal_weights_alone():
     x, log_g = torch.arange(4.0), torch.tensor([0.0, -1.0, -2.0, -3.0])
     same = smc_resample(x, log_g, torch.zeros(4))
@@ -255,13 +274,13 @@ def test_level_stats_by_hand():
 
 def test_sample_at_a_target_writes_the_level_report(tiny_run):  # noqa: F811
     run("sample.py", "--run", tiny_run, "--target", "0.4", "--corrector-steps", "1", "--smc-scale", "5",
-        "--num-samples", "4", "--sample-steps", "3")
-    out = tiny_run / "samples" / "classifier_target0.4_linear_logit150_shift4_pc1x0.5_smc5_steps3_n4_seed0"  # defaults
+        "--num-samples", "4", "--sample-steps", "5")
+    out = tiny_run / "samples" / "classifier_target0.4_linear_logit150_shift4_pc1x0.5_smc5_steps5_n4_seed0"  # defaults
     report = json.loads((out / "report.json").read_text())
     m0, m1 = report["extremes"]
     assert report["relative_position"] == pytest.approx((0.4 - m0) / (m1 - m0))
     assert report["q"] == pytest.approx(report["relative_position"]) and report["smc_scale"] == 5
-    for key in ("level_median", "level_iqr", "broken", "accuracy_middle"):
+    for key in ("level_median", "level_iqr", "broken", "accuracy_middle", "distinct_centres"):
         assert key in report, key
     assert (out / "histogram_level.png").exists() and (out / "grid.png").exists()
 
@@ -271,7 +290,9 @@ def test_sample_at_a_target_writes_the_level_report(tiny_run):  # noqa: F811
     (["--corrector-steps", "2"], "add --target"),
     (["--target", "0.4", "--target-scale", "0"], "--target-scale and --corrector-size positive"),
     (["--target", "nan"], "--target must be a finite level"),
-    (["--target", "0.4", "--smc-scale", "-1"], "--smc-scale >= 0"),
+    (["--target", "0.4", "--smc-scale", "-1"], "--smc-scale in [0, 1e+06]"),
+    (["--target", "0.4", "--smc-scale", "1e7"], "--smc-scale in [0, 1e+06]"),
+    (["--target", "0.4", "--smc-scale", "3", "--batch-size", "1"], "use --batch-size 2 or more"),
     (["--smc-scale", "3"], "--smc-scale shapes --target sampling: add --target"),
     (["--target", "0.4", "--ddim"], "drop --cfg-scale, --ddim"),
 ])
