@@ -76,6 +76,28 @@ def write_json(obj, path):
         os.replace(tmp, path)
 
 
+def truncate_log(path, step):
+    """Cut a loss log (CSV rows that start with their step) back to the steps <= `step`, the checkpoint a run resumes
+    from: rows written after it (before a kill -9, a crash, or a refused or failed save) are trained again and would
+    otherwise appear twice. A half-written last row goes too, and a row supersedes earlier ones of its step or later
+    (a log repeated by an older resume). Rows kept are kept byte for byte; atomic."""
+    path = Path(path)
+    if not path.exists():
+        return
+    rows = []
+    for line in path.read_bytes().splitlines(keepends=True):
+        first = line.split(b",", 1)[0]
+        if not (line.endswith(b"\n") and first.isdigit()) or int(first) > step:
+            continue
+        while rows and rows[-1][0] >= int(first):
+            rows.pop()
+        rows.append((int(first), line))
+    tmp = path.with_name(path.name + ".tmp")
+    with signals_deferred():
+        tmp.write_bytes(b"".join(line for _, line in rows))
+        os.replace(tmp, path)
+
+
 @contextlib.contextmanager
 def staged_output(out):
     """Yield a new hidden folder beside `out`'s parent to write everything into; it becomes `out` only when the
@@ -118,8 +140,12 @@ def load(path, map_location="cpu"):
 
 
 def read_config(path):
-    """A run's config.json, as saved next to its checkpoints."""
-    return _upgrade(json.loads(Path(path).read_text()))
+    """A run's config.json, as saved next to its checkpoints; InputError naming it when it is not readable JSON."""
+    try:
+        return _upgrade(json.loads(Path(path).read_text()))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path} is not a readable run config ({type(e).__name__}: {e}); restore it or train the "
+                         f"run again") from None
 
 
 def _upgrade(config):
@@ -189,7 +215,8 @@ def load_classifier(path, device="cpu"):
 def check_classifier_fits(clf_config, config, path, run):
     """A guidance classifier can guide a run's DDPM when it was trained on the same noising chain q(x_t | x_0)
     (schedule and T: its p(y | x_t, t) is read at the DDPM's x_t and t, docs/paper_notes.md §16.6) and at the same
-    image size; loss, variance and data may differ (App. E guides with a classifier of other images). InputError."""
+    image size and channels; loss, variance and data may differ (App. E guides with a classifier of other images); its
+    classes are counted against --lambdas by cli.parse_lambdas. InputError."""
     chain = lambda c: (c["diffusion"].get("schedule", "cosine"), c["diffusion"]["diffusion_steps"])
     if chain(clf_config) != chain(config):
         raise InputError(f"classifier {path} was trained on the {'/'.join(map(str, chain(clf_config)))} chain, "
@@ -198,3 +225,9 @@ def check_classifier_fits(clf_config, config, path, run):
     if clf_config["data"]["image_size"] != config["data"]["image_size"]:
         raise InputError(f"classifier {path} takes {clf_config['data']['image_size']}px images, {run} draws "
                          f"{config['data']['image_size']}px: train one at --image-size {config['data']['image_size']}")
+    channels = (clf_config.get("classifier", {}).get("in_channels", 3),
+                config.get(config.get("arch", "unet"), {}).get("in_channels", 3))     # configs without: RGB
+    if channels[0] != channels[1]:
+        kind = lambda c: f"{c}-channel ({'grayscale' if c == 1 else 'RGB' if c == 3 else 'other'})"
+        raise InputError(f"classifier {path} takes {kind(channels[0])} images, {run} draws {kind(channels[1])} ones: "
+                         f"train a classifier on the run's data (train.py --out {run} --what classifier)")

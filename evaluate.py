@@ -3,9 +3,10 @@
 Circles ([ZSI] Sec. 5.5; docs/paper_notes.md §10): each sample is thresholded (grey > 127) and split into
 8-connected components with OpenCV; a component's centre is its centroid (first image moments). Components
 smaller than `min_area` pixels (default 5, a quarter of the 21-pixel radius-2 disc) are sampling grain, not
-circles, and are ignored; the counts with every component ("any size") are reported too. A sample is
-valid when it holds exactly one circle. "Accuracy" is the fraction of *all* samples with exactly one circle
-whose centre x/W lies in the unseen middle [0.2, 0.8]; the fraction with 0 or ≥2 circles is reported beside it.
+circles, and are ignored, as is a component spanning the whole width (a white background, not an object:
+`detect_circles`); the counts with every component ("any size") are reported too. A sample is valid when it
+holds exactly one circle. "Accuracy" is the fraction of *all* samples with exactly one circle whose centre x/W
+lies in the unseen middle [0.2, 0.8]; the fraction with 0 or ≥2 circles is reported beside it.
 
 Divergence of a histogram to uniform ([ZSI] Sec. 5, App. B; docs/paper_notes.md §5.3), 100 bins, h normalised
 to sum 1: KLD = Σ h_i ln(h_i · 100) with 0 ln 0 = 0 (nats), and the paper's "MSE" = sqrt(Σ (h_i - 1/100)²),
@@ -37,6 +38,12 @@ def detect_circles(images, threshold=127, min_area=MIN_AREA):
     """Per image: (number of blobs of >= min_area pixels, their centres [k, 2] as (x, y) floats, their areas).
 
     images: uint8 [N, H, W, 3] or [N, H, W].
+
+    A component that spans the image's whole width is background, not a blob, and is ignored like grain: an
+    all-white (or mostly white) image is one such component, whose centroid x/W is near 0.5 because it fills the
+    frame, not because of any object, and it used to count as one circle in the middle (a blank white sample
+    scored accuracy 1).
+    No object of the data spans the width (circles: 5 px; sizes: 2 r_max + 1 <= W - 3 px, config.py's r_max).
     """
     out = []
     for img in images:
@@ -44,7 +51,7 @@ def detect_circles(images, threshold=127, min_area=MIN_AREA):
         mask = (grey > threshold).astype(np.uint8)
         _, _, stats, centroids = cv2.connectedComponentsWithStats(mask, connectivity=8)
         area = stats[1:, cv2.CC_STAT_AREA]                          # component 0 is the background
-        keep = area >= min_area
+        keep = (area >= min_area) & (stats[1:, cv2.CC_STAT_WIDTH] < mask.shape[1])
         out.append((int(keep.sum()), centroids[1:][keep], area[keep]))
     return out
 
@@ -136,11 +143,15 @@ def save_samples(path, images, **meta):
 
 def load_samples(path):
     """uint8 images [N, H, W, C] of a sample file: `arr_0` (save_samples) or `images` (the project's older files).
-    Raises InputError when it holds neither."""
-    with np.load(path) as f:
-        for key in ("arr_0", "images"):
-            if key in f.files:
-                return f[key]
+    Raises InputError when it holds neither or cannot be read (a cut-off or corrupt .npz: zip, zlib, pickle)."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            for key in ("arr_0", "images"):
+                if key in f.files:
+                    return f[key]
+    except Exception as e:      # zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError
+        raise InputError(f"cannot read samples from {path} ({type(e).__name__}: {' '.join(str(e).split())[:160]}); "
+                         f"sample again") from None
     raise InputError(f"{path} holds no samples (no key arr_0 or images); pass a samples.npz of sample.py")
 
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import checkpoint as ckpt_io
 from classifier import calibrate
 from cli import InputError, parse_ints
-from data import Batches, celeba_split, load_data, load_images, save_grid, to_float
+from data import LABEL_UNDER_FLIP, Batches, celeba_split, check_classes, load_data, load_images, save_grid, to_float
 from evaluate import (load_samples, log_count_heatmap, plot_histograms, plot_log_heatmaps, uniformity_report,
                       write_report)
 from unet import normalization
@@ -110,9 +110,10 @@ def _logits(model, images, batch_size=256, device="cpu"):
 
 
 def train_clean_classifier(images, labels, val_images, val_labels, steps=2000, batch_size=64, lr=1e-3,
-                           width=32, seed=0, eval_every=250, device="cpu", log=print, flip=True):
+                           width=32, seed=0, eval_every=250, device="cpu", log=print, flip=LABEL_UNDER_FLIP["celeba"]):
     """An EvalNet trained on (images uint8 [N, H, W, C], labels), the step with the best validation accuracy kept;
-    flip: random horizontal flips (off for digits: a mirrored digit is no digit).
+    flip: Batches' flip mode, by default CelebA's (random horizontal flips that keep the label; digits pass
+    LABEL_UNDER_FLIP["mnist"], None: a mirrored digit is no digit).
 
     Returns (model in eval mode, dict(val_accuracy, step)).
     """
@@ -287,6 +288,8 @@ def celeba_splits(data_config):
     out = []
     for split in ("train", "valid"):
         paths, labels, _, _, positions = celeba_split(data_config["path"], data_config["attrs"], split)
+        if split == "train":        # before reading any image
+            check_classes(labels, f"the classifier of {','.join(data_config['attrs'])} (evaluator, App. D filter)")
         out.append((load_images(paths, data_config["image_size"]), labels, positions))
     return out
 

@@ -84,8 +84,15 @@ def as_target(q):
 
 
 def logit_gap(log_p, q):
-    """f − f* [N] for two classes: f = log p_1 − log p_0 from log-probabilities [N, 2], f* = log(q_1/q_0), q [N, 2]."""
-    return (log_p[:, 1] - log_p[:, 0]) - (torch.log(q[:, 1]) - torch.log(q[:, 0]))
+    """f − f* [N] for two classes: f = log p_1 − log p_0 from log-probabilities [N, 2], f* = log(q_1/q_0), q [N, 2].
+
+    Each q_m is floored at the smallest normal float of q's dtype (float32: 1.2e-38) before its log, so a target at
+    the edge, q = (0, 1) or (1, 0), gives the finite f* = ±87.3 (float32) instead of ±inf: the logit loss and
+    target_potential then stay finite (with f* = inf, (f − f*)² was inf, its gradient inf · ∇f or NaN, which put NaN
+    into every guided sample, and the potential −inf for every particle made SMC's weights −inf − (−inf) = NaN).
+    """
+    tiny = torch.finfo(q.dtype).tiny
+    return (log_p[:, 1] - log_p[:, 0]) - (torch.log(q[:, 1].clamp_min(tiny)) - torch.log(q[:, 0].clamp_min(tiny)))
 
 
 def target_potential(classifier, q, scale):

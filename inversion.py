@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cli import InputError
+from cli import InputError, check_unused, parse_lambdas
 from data import circles_dataset, load_images, save_grid, to_float, to_uint8
 from evaluate import circle_metrics, detect_circles, plot_histograms, save_samples, write_report
 from generate import sampling_model
@@ -91,9 +91,38 @@ def edit(diffusion, model, x0, t_start, cond_fn, generator=None):
 # sample.py --interpolate / --edit
 # ---------------------------------------------------------------------------------------------------
 
+def check_flags(args, data_config, classifiers, world):
+    """sample.py's checks of the --interpolate / --edit flags (InputError), after its own (args.sample_steps set).
+    Returns inversion_inputs' images, read now so that bad --images fail before any work, or None without a mode."""
+    if not (args.interpolate or args.edit):
+        check_unused(args, [("images t_fraction points", False, "it belongs to --interpolate / --edit; add one")])
+        return None
+    if world > 1 or args.interpolate and args.edit:
+        raise InputError("--interpolate and --edit are separate runs in one process: pass one, without torchrun")
+    unused = [flag for flag, on in (("--cfg-scale", args.cfg_scale is not None), ("--ddim", args.ddim),
+                                    ("--eta", args.eta != 0), ("--quality", args.quality),
+                                    ("--evaluator", bool(args.evaluator))) if on]
+    if unused:
+        raise InputError(f"--interpolate / --edit run their own DDIM schedule and report; drop {', '.join(unused)}")
+    inversion_index(args.t_fraction, args.sample_steps)                 # a latent index in 1..steps-1 exists
+    if args.points < 2:
+        raise InputError(f"--points must be at least 2, got {args.points}")
+    if args.edit and not classifiers:
+        raise InputError("--edit needs guidance: pass --lambdas (e.g. 30,30) for the run's classifier")
+    check_unused(args, [("points", args.interpolate, "it counts the images on the --interpolate path"),
+                        ("lambdas classifier seed num_samples", args.edit, "--interpolate decodes the path of two "
+                         "images unguided and deterministically (DDIM, η = 0)"),
+                        ("num_samples", not args.images, "--edit edits the --images given"),
+                        ("batch_size", False, "--interpolate / --edit decode all their images in one batch")])
+    return inversion_inputs(args, data_config, args.num_samples or 64)
+
+
 def inversion_inputs(args, data_config, n):
-    """uint8 real images [N, H, W, C] to invert: --images files (C = 1 for a grayscale run), else circles from the training borders (a left and a right
-    one for --interpolate, the first n for --edit). args: sample.py's flags. Raises InputError."""
+    """uint8 real images [N, H, W, C] to invert: --images files (C = 1 for a grayscale run), else circles from the
+    training borders: a left and a right one for --interpolate; for --edit the first n of the classes that --lambdas
+    leaves at 0 (App. N edits non-smiling faces with classifier guidance towards smiling: `--lambdas 0,30` edits
+    left circles towards the right), or of all classes when every λ is non-zero. args: sample.py's flags.
+    Raises InputError."""
     if args.images:
         paths = [Path(p) for p in args.images.split(",")]
         missing = [str(p) for p in paths if not p.exists()]
@@ -111,6 +140,11 @@ def inversion_inputs(args, data_config, n):
     images, labels, _ = circles_dataset(d["image_size"], d["radius"], d["delta"], seed=d["seed"])
     if args.interpolate:
         return np.stack([images[labels == 0][0], images[labels == 1][0]])
+    if args.lambdas and len(args.lambdas) == 1:     # one classifier's weights (several: every class)
+        weights = parse_lambdas(args.lambdas[0])
+        source = [k for k, w in enumerate(weights) if w == 0]
+        if source and len(source) < len(weights):
+            images = images[np.isin(labels, source)]
     return images[:min(n, len(images))]
 
 

@@ -22,6 +22,7 @@ it three times) as one channel [N, S, S, 1].
 import functools
 import gzip
 import importlib.util
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -46,8 +47,9 @@ def read_idx(path):
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as e:
-        raise InputError(f"cannot read {path}: {e}; pass --data-dir with the MNIST IDX files") from None
+    except (OSError, EOFError, zlib.error) as e:      # gzip: a bad header, a broken deflate stream, a cut-off end
+        raise InputError(f"cannot read {path} (corrupt or cut off?): {e}; pass --data-dir with the MNIST IDX files") \
+            from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or raw[3] < 1:
         raise InputError(f"{path} is not a uint8 IDX file (magic {raw[:4].hex() or 'missing'}, expected 0000 08 "
                          f"<ndim>); pass the standard MNIST files")
@@ -97,8 +99,8 @@ def read_digits_csv(path):
     try:
         with (gzip.open if path.suffix == ".gz" else open)(path, "rt") as f:
             table = np.loadtxt(f, delimiter=",", ndmin=2)
-    except (OSError, EOFError, ValueError) as e:
-        raise InputError(f"cannot read digits from {path}: {e}") from None
+    except (OSError, EOFError, ValueError, zlib.error) as e:
+        raise InputError(f"cannot read digits from {path} (corrupt or cut off?): {' '.join(str(e).split())}") from None
     n_pixels = DIGIT_SIDE * DIGIT_SIDE
     if table.shape[1] != n_pixels + 1 or not np.isin(table[:, -1], np.arange(10)).all() \
             or table[:, :-1].min() < 0 or table[:, :-1].max() > 255 or (table != np.round(table)).any():

@@ -20,7 +20,7 @@ import torch
 
 import checkpoint as ckpt_io
 from cli import InputError
-from data import save_grid, to_float
+from data import LABEL_UNDER_FLIP, check_classes, save_grid, to_float
 from evaluate import load_samples, plot_histograms, uniformity_report, write_report
 from evaluator import load_evaluator, predict_probs, train_evaluator
 from mnist import digit_classifier_split, in_band, mnist_split
@@ -44,8 +44,9 @@ def train_digit_evaluator(data_config, out, steps, width, seed, device):
     """Train and calibrate the 10-class digit classifier on real digits; writes <out>/evaluator_digit.pt and its
     report (validation accuracy, temperature, ECE)."""
     train_x, train_y, val_x, val_y = digit_classifier_split(data_config)
+    check_classes(train_y, "the digit classifier")
     model, report = train_evaluator(train_x, train_y, val_x, val_y, steps=steps, width=width, seed=seed,
-                                    device=device, flip=False, log=lambda m: print(m, flush=True))
+                                    device=device, flip=LABEL_UNDER_FLIP["mnist"], log=lambda m: print(m, flush=True))
     path = Path(out) / DIGIT_EVALUATOR
     config = dict(evaluator=dict(in_channels=1, width=width, num_classes=10), data=data_config, report=report)
     ckpt_io.save_atomic(dict(kind="evaluator", config=config, model=model.state_dict()), path)

@@ -37,8 +37,12 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 
 def fid(features_a, features_b):
     """FID between two feature sets [N, D] (any extractor: `feature_extractors`). With fewer samples than dimensions
-    it works in the span of the centred features and of μ_a - μ_b: the same distance (every term is unchanged)."""
+    it works in the span of the centred features and of μ_a - μ_b: the same distance (every term is unchanged).
+    NaN when a set has fewer than 2 features: its covariance (N - 1 in the denominator) is undefined (it was
+    all NaN, and the eigendecomposition raised LinAlgError, e.g. in mnist_eval's report of a single sample)."""
     a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
+    if min(len(a), len(b)) < 2:
+        return float("nan")
     if len(a) + len(b) < a.shape[1]:
         q = np.linalg.qr(np.concatenate([a - a.mean(0), b - b.mean(0), [a.mean(0) - b.mean(0)]]).T)[0]  # [D, N+1]
         a, b = a @ q, b @ q

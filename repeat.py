@@ -113,8 +113,10 @@ def main(argv=None):
     data_args += ["--data-dir", config["data"]["path"]] if config["data"].get("path") else []
 
     def train_args(variant, seed):
-        return ["--out", str(run), *data_args, "--what", "classifier", "--seed", str(seed), "--classifier-name",
-                f"{variant}{args.tag}_seed{seed}", "--resume", *VARIANTS[variant], *shlex.split(args.train_args)]
+        name = f"{variant}{args.tag}_seed{seed}"       # trained before: continued (--resume refuses a missing one)
+        return ["--out", str(run), *data_args, "--what", "classifier", "--seed", str(seed), "--classifier-name", name,
+                *(["--resume"] if (run / f"{name}.pt").exists() else []), *VARIANTS[variant],
+                *shlex.split(args.train_args)]
     for variant in variants:                      # train.py's checks of the classifiers' flags, before any work
         train.main(train_args(variant, args.first_seed), check_only=True)
     results = {}

@@ -24,9 +24,11 @@ import torch
 
 import checkpoint as ckpt_io
 import inversion
-from cli import ArgumentParser, InputError, one_line_errors, parse_lambdas
+from cli import (SEED_MAX, ArgumentParser, InputError, check_ranges, check_unused, finite_float, one_line_errors,
+                 parse_given, parse_lambdas)
 from cpu_preset import guidance_window
 from data import check_data_paths, save_grid
+from ddpm import space_timesteps
 from device import amp_default, resolve_device, setup_distributed
 from evaluate import circles_sample_report, save_samples, sizes_sample_report, write_report
 from evaluator import attribute_report, evaluator_paths
@@ -50,14 +52,14 @@ def parse_args(argv=None):
                    help="classifier name in the run (e.g. classifier_sn) or a .pt path; default: classifier")
     g.add_argument("--num-samples", type=int, default=None, help="number of samples (default 1000 circles, 10000 else)")
     g.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
-    g.add_argument("--cfg-scale", type=float, default=None,
+    g.add_argument("--cfg-scale", type=finite_float, default=None,
                    help="classifier-free multi-guidance weight λ of eq. 12 (needs a run trained with --cfg-dropout)")
     g = p.add_argument_group("sampler")
     g.add_argument("--sample-steps", type=int, default=None,
                    help="respaced steps in 1..T, 1 = one step from pure noise (default: the run's, 64 circles / "
                         "250 paper)")
     g.add_argument("--ddim", action="store_true", help="DDIM instead of ancestral sampling")
-    g.add_argument("--eta", type=float, default=0.0, help="DDIM η (0 = deterministic)")
+    g.add_argument("--eta", type=finite_float, default=0.0, help="DDIM η in [0, 1] (0 = deterministic)")
     g.add_argument("--guide-at", choices=["x_t", "mean"], default="x_t",
                    help="where the classifier gradient is taken: at x_t with t (guided-diffusion, the official code) "
                         "or at the mean μ with the timestep of x_{t-1} (the paper's Sec. 2.2); ancestral only")
@@ -88,10 +90,11 @@ def parse_args(argv=None):
                    help="App. M: invert two real images (--images, or a left and a right training circle) to "
                         "--t-fraction of the chain and decode the slerp / lerp path between their latents")
     g.add_argument("--edit", action="store_true",
-                   help="App. N: invert real images (--images, or --num-samples border circles) to --t-fraction and "
-                        "denoise them with the guidance of --lambdas, DDIM with η_t = t / t_start")
+                   help="App. N: invert real images (--images, or --num-samples border circles of the classes "
+                        "whose λ is 0) to --t-fraction and denoise them with the guidance of --lambdas, DDIM with "
+                        "η_t = t / t_start; the paper guides towards one class (e.g. --lambdas 0,30)")
     g.add_argument("--images", default=None, help="comma-separated image files for --interpolate / --edit")
-    g.add_argument("--t-fraction", type=float, default=0.5,
+    g.add_argument("--t-fraction", type=finite_float, default=0.5,
                    help="inversion depth as a fraction of the chain, in (0, 1]: respaced index round(f·(steps-1)), "
                         "at least 1; 1 = the last kept timestep T-1")
     g.add_argument("--points", type=int, default=9, help="--interpolate: points on the path")
@@ -103,7 +106,7 @@ def parse_args(argv=None):
                    help="circles: classifier heatmaps (Fig. 7b) of the guidance classifiers and the run's classifier / "
                         "classifier_sn (main), or of every classifier in the run folder (all: slow after a repeat)")
     target_io.add_arguments(p)
-    return p.parse_args(argv)
+    return parse_given(p, argv)         # args.given: the flags on the command line (cli.check_unused)
 
 
 def resolve_classifiers(args, run):
@@ -144,13 +147,12 @@ def output_dir(run, name, overwrite):
 def check_flags(args, config, T, classifiers, cfg_classes, world):
     """Every constraint between sample.py's flags and the run, before any work; raises InputError. Returns the real
     images to invert for --interpolate / --edit (read here, so that bad --images fail first), else None."""
-    if world > 1 and (args.interpolate or args.edit):
-        raise InputError("--interpolate / --edit run in one process; start them without torchrun")
     for flag, value in (("--num-samples", args.num_samples), ("--batch-size", args.batch_size)):
         if value is not None and value < 1:
             raise InputError(f"{flag} must be a positive integer, got {value}")
-    if args.eta < 0 or args.eta != args.eta:
-        raise InputError(f"--eta must be a number >= 0, got {args.eta}")
+    check_ranges(args, [("--eta", "[0, 1]", " (1: the ancestral variance; above it σ_t² > 1 − ᾱ_{t−1})"),
+                        ("--cfg-scale", "[-1e6, 1e6]", ", where samples stay finite"),
+                        ("--seed", f"[0, {SEED_MAX}]", "")])
     if args.cfg_scale is not None and (cfg_classes < 1 or args.cfg_scale != args.cfg_scale):
         raise InputError(f"--cfg-scale {args.cfg_scale}: needs a finite weight and a run trained with --cfg-dropout"
                          if cfg_classes >= 1 else f"--cfg-scale: {args.run}/ddpm.pt is unconditional; train with "
@@ -158,14 +160,6 @@ def check_flags(args, config, T, classifiers, cfg_classes, world):
     missing = [p for p in (args.evaluator or []) if not Path(p).exists()]
     if missing:
         raise InputError(f"--evaluator {missing[0]} not found; train one with `train.py --data celeba --what evaluator`")
-    if args.interpolate and args.edit:
-        raise InputError("--interpolate and --edit are separate runs; pass one of them")
-    if args.interpolate or args.edit:
-        unused = [flag for flag, on in (("--cfg-scale", args.cfg_scale is not None), ("--ddim", args.ddim),
-                                        ("--eta", args.eta != 0), ("--quality", args.quality),
-                                        ("--evaluator", bool(args.evaluator))) if on]
-        if unused:
-            raise InputError(f"--interpolate / --edit run their own DDIM schedule and report; drop {', '.join(unused)}")
     if (args.reference or args.inception_weights) and not args.quality:
         raise InputError("--reference / --inception-weights choose what --quality measures: add --quality")
     if args.quality and (args.num_samples or 4) < 4:
@@ -173,12 +167,6 @@ def check_flags(args, config, T, classifiers, cfg_classes, world):
                          f"or more, got {args.num_samples}")
     if args.name is not None and (not args.name or Path(args.name).name != args.name or args.name in (".", "..")):
         raise InputError(f"--name {args.name!r} must be a folder name inside <run>/samples, without '/'")
-    if not 0 < args.t_fraction <= 1:
-        raise InputError(f"--t-fraction must be in (0, 1], got {args.t_fraction}")
-    if args.points < 2:
-        raise InputError(f"--points must be at least 2, got {args.points}")
-    if args.edit and not classifiers:
-        raise InputError("--edit needs guidance: pass --lambdas (e.g. 30,30) for the run's classifier")
     if args.guide_at == "mean" and (args.ddim or args.interpolate or args.edit or not classifiers):
         raise InputError("--guide-at mean moves the classifier gradient of ancestral sampling: it needs --lambdas "
                          "and no --ddim, --interpolate or --edit (or drop --guide-at)")
@@ -186,12 +174,20 @@ def check_flags(args, config, T, classifiers, cfg_classes, world):
         raise InputError(f"--guide-t-min must be a timestep in 0..{T} (0 = guide every step), got {args.guide_t_min}")
     if not 1 <= args.sample_steps <= T:
         raise InputError(f"--sample-steps must be in 1..{T}, got {args.sample_steps}")
-    if args.interpolate or args.edit:
-        inversion.inversion_index(args.t_fraction, args.sample_steps)     # a latent index in 1..steps-1 exists
-        return inversion.inversion_inputs(args, config["data"], args.num_samples or 64)   # bad --images fail now
-    return None
+    real = inversion.check_flags(args, config["data"], classifiers, world)     # and reads --images: bad ones fail now
+    check_unused(args, [("eta", args.ddim, "it is DDIM's η; add --ddim (ancestral sampling has none)"),
+                        ("heatmaps", config["data"]["name"] == "circles" and real is None, "circles samples only")])
+    guided = space_timesteps(T, args.sample_steps)[:inversion.inversion_index(args.t_fraction, args.sample_steps) + 1
+                                                   if args.edit else None]     # --edit decodes from t_stop down
+    top = (guided[:-1] or guided)[-1] if args.guide_at == "mean" else guided[-1]   # mean: x_{t-1}'s timestep
+    if classifiers and args.guide_t_min > top:
+        given = "" if "guide_t_min" in getattr(args, "given", ()) else " (the run's default)"
+        raise InputError(f"--guide-t-min {args.guide_t_min}{given} is above every guided timestep of this chain "
+                         f"({top}): no step would be guided; pass --guide-t-min {top} or lower (0: every step)")
+    return real
 
 
+@one_line_errors("sample.py")        # also what fails after the checks: samples that are not finite (SamplingError)
 def main(argv=None):
     args = parse_args(argv)
     with one_line_errors("sample.py"):
@@ -213,15 +209,17 @@ def main(argv=None):
             classes.append(clf_config["classifier"]["num_classes"])
             lambdas.append(text and parse_lambdas(text, classes[-1]))
         target_io.check_flags(args, classes)
+        guiding = args.target is not None or any(any(l) for l in lambdas)     # every λ = 0: unguided, as none
         guide_t_min_given = args.guide_t_min is not None
         args.sample_steps = config["sample_steps"] if args.sample_steps is None else args.sample_steps
         args.guide_t_min = guide_t_min_default(config, args.edit) if args.guide_t_min is None else args.guide_t_min
-        if guide_t_min_given and not classifiers:
-            raise InputError("--guide-t-min limits classifier guidance: it needs --lambdas (or drop --guide-t-min)")
+        if guide_t_min_given and not guiding:
+            raise InputError("--guide-t-min limits classifier guidance: it needs --lambdas with a weight other than 0 "
+                             "(or drop --guide-t-min)")
         dc_run = config.get("dc_correction", False)    # the run's choice; runs from before it: off
         dc = dc_run if args.dc_correction is None else args.dc_correction
         cfg_classes = ckpt_io.backbone_config(config).get("num_classes", 0) - 1
-        real = check_flags(args, config, diffusion.num_timesteps, classifiers, cfg_classes, world)
+        real = check_flags(args, config, diffusion.num_timesteps, classifiers if guiding else [], cfg_classes, world)
         evaluators = [] if real is not None else evaluator_paths(args.evaluator, config["data"], run)   # or fail now
         digits = config["data"]["name"] == "mnist" and real is None and digit_evaluator_path(run)   # or fail now
         quality = quality_inputs(args.reference, args.inception_weights, config["data"], device) if args.quality else {}

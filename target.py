@@ -28,7 +28,7 @@ classifier and the training extremes, never an image from the gap.
 import numpy as np
 import torch
 
-from cli import InputError
+from cli import GUIDANCE_MAX, InputError, check_unused, finite_float
 from data import load_data
 from evaluate import detect_circles, plot_histograms
 from guidance import shift_averaged, target_guidance, target_potential
@@ -50,7 +50,7 @@ def add_arguments(parser):
     """sample.py's --target flags, one group. Defaults: the best method on circles (RESULTS.md)."""
     g = parser.add_argument_group("target level (sampling at a chosen point of the gap; not in the paper; defaults: "
                                   + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in DEFAULTS.items()) + ")")
-    g.add_argument("--target", type=float, default=None, metavar="L",
+    g.add_argument("--target", type=finite_float, default=None, metavar="L",
                    help="sample at level L between the trained extremes: circles centre x/W (e.g. 0.35), MNIST stroke "
                         "thickness in px, other data the probability of class 1; uses the --classifier (2 classes)")
     g.add_argument("--target-map", choices=MAPS, default=None,
@@ -59,16 +59,16 @@ def add_arguments(parser):
     g.add_argument("--target-loss", choices=LOSSES, default=None,
                    help="kl: multi-guidance with the weights λ·(1 − q, q); mse: the gradient of −λ/2 (p − q)²; logit: "
                         "of −λ/2 (f − log(q/(1 − q)))², f the classifier's logit difference")
-    g.add_argument("--target-scale", type=float, default=None,
+    g.add_argument("--target-scale", type=finite_float, default=None,
                    help="λ of the target guidance (kl: 60 at q = 1/2 is the paper's λ = 30, 30)")
     g.add_argument("--target-shifts", type=int, default=None,
                    help="average the classifier over this many diagonal shifts of 1 px (guidance.shift_averaged; 4 "
                         "removes the saw-tooth of a classifier that downsamples by 4)")
     g.add_argument("--corrector-steps", type=int, default=None,
                    help="Langevin corrector steps on the guided score before each guided predictor step (ULA)")
-    g.add_argument("--corrector-size", type=float, default=None,
-                   help="corrector step ε = this · β_t of the sampling chain")
-    g.add_argument("--smc-scale", type=float, default=None, metavar="K",
+    g.add_argument("--corrector-size", type=finite_float, default=None,
+                   help="corrector step ε = this · β_t of the sampling chain, in (0, 2) (2: ULA stops contracting)")
+    g.add_argument("--smc-scale", type=finite_float, default=None, metavar="K",
                    help=f"sequential Monte Carlo: each batch (--batch-size samples) is a population, weighed every "
                         f"{SMC_EVERY} steps by exp(−K/2 (f − f*)²), f the classifier's logit, f* the target's, and "
                         f"resampled (0: off; needs batches of 2 or more); narrower, but leaves copies")
@@ -90,12 +90,16 @@ def check_flags(args, classifier_classes):
     if args.cfg_scale is not None or args.ddim or args.interpolate or args.edit or args.guide_at != "x_t":
         raise InputError("--target runs ancestral sampling with classifier guidance: drop --cfg-scale, --ddim, "
                          "--interpolate, --edit and --guide-at")
-    if not (np.isfinite(args.target) and args.target_scale > 0 and args.corrector_steps >= 0
-            and args.corrector_size > 0 and 1 <= args.target_shifts <= 8 and 0 <= args.smc_scale <= SMC_MAX):
-        raise InputError(f"--target must be a finite level, --target-scale and --corrector-size positive, "
-                         f"--corrector-steps >= 0, --smc-scale in [0, {SMC_MAX:g}] and --target-shifts in 1..8; got "
-                         f"{args.target}, {args.target_scale}, {args.corrector_size}, {args.corrector_steps}, "
+    # ranges where sampling stays finite: a guidance weight up to GUIDANCE_MAX; the Langevin step ε = c·β_t with
+    # β_t <= 1 − ᾱ_t contracts the Gaussian part by |1 − c·β_t/(1 − ᾱ_t)| < 1 only for c < 2 (ddpm.langevin_step)
+    if not (np.isfinite(args.target) and 0 < args.target_scale <= GUIDANCE_MAX and args.corrector_steps >= 0
+            and 0 < args.corrector_size < 2 and 1 <= args.target_shifts <= 8 and 0 <= args.smc_scale <= SMC_MAX):
+        raise InputError(f"--target must be a finite level, --target-scale and --corrector-size positive "
+                         f"(--target-scale at most {GUIDANCE_MAX:g}, --corrector-size below 2, where sampling stays "
+                         f"finite), --corrector-steps >= 0, --smc-scale in [0, {SMC_MAX:g}] and --target-shifts in "
+                         f"1..8; got {args.target}, {args.target_scale}, {args.corrector_size}, {args.corrector_steps}, "
                          f"{args.smc_scale}, {args.target_shifts}")
+    check_unused(args, [("corrector_size", args.corrector_steps > 0, "it sizes the steps of --corrector-steps K > 0")])
     if args.smc_scale and args.batch_size < 2:
         raise InputError(f"--smc-scale resamples within each batch: use --batch-size 2 or more (got {args.batch_size})")
 

@@ -32,8 +32,9 @@ import config as run_config
 from classifier import converge_spectral_norm, noisy_classifier_loss
 from cli import TrainingError, format_time, one_line_errors
 from cpu_preset import channel_mean_stats
-from data import Batches, load_data, save_grid
-from device import amp_default, autocast, check_in_sync, resolve_device, setup_distributed
+from data import LABEL_UNDER_FLIP, Batches, check_classes, load_data, save_grid
+from device import (amp_default, autocast, check_in_sync, global_batch_numbers, grad_scaler, resolve_device,
+                    setup_distributed)
 from evaluate import classifier_heatmap, plot_heatmaps, save_samples, unguided_circles_report, write_report
 from evaluator import filter_run, filter_targets, train_evaluator_run
 from generate import dc_prior, generate
@@ -71,14 +72,14 @@ def fit(kind, model, loss_fn, batches, *, steps, lr, ema_rate, amp, device, path
     kind ("ddpm" | "classifier") is stored in the checkpoint; label prefixes the progress lines.
     dist = (rank, world) under torchrun: every rank draws the same global batch (and noise) and trains on
     its slice through DistributedDataParallel, so N processes take the same steps as one process with the
-    same global --batch-size; rank 0 alone writes checkpoints and logs.
+    same global --batch-size; rank 0 alone writes checkpoints and logs (the global batch's numbers).
     before_step(step), if given, is called before every step (ClassifierBeside switches threads there).
     """
     rank, world = dist
     label = label or kind
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     ema = copy.deepcopy(model).requires_grad_(False) if ema_rate else None
-    scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
+    scaler = grad_scaler(device, amp)
     gen = torch.Generator().manual_seed(config["seed"] + 1)
     step, log_path = 0, path.with_name(path.stem + "_loss.csv")
     if resume and path.exists():
@@ -87,10 +88,13 @@ def fit(kind, model, loss_fn, batches, *, steps, lr, ema_rate, amp, device, path
         if ema is not None:
             ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
-        scaler.load_state_dict(state["scaler"])
+        if scaler.is_enabled() and state.get("scaler"):   # {} when saved with AMP off: a fresh scale then
+            scaler.load_state_dict(state["scaler"])
         gen.set_state(state["rng"]["loss"])
         batches.generator.set_state(state["rng"]["batches"])
         step = state["step"]
+        if rank == 0:   # the log continues from the checkpoint's step, each step once
+            ckpt_io.truncate_log(log_path, step)
         print(f"[{label}] resumed from {path} at step {step}", flush=True)
     elif log_path.exists() and rank == 0:
         log_path.unlink()
@@ -125,7 +129,8 @@ def fit(kind, model, loss_fn, batches, *, steps, lr, ema_rate, amp, device, path
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast(device, amp):
                 loss, logs = loss_fn(net, x, y, gen, part)
-            if not torch.isfinite(loss):
+            finite, loss_value, logs = global_batch_numbers(loss, logs, part.stop - part.start, world)
+            if not finite:
                 bad += 1
                 if bad >= max_bad_steps:
                     raise TrainingError(f"{label}: loss was not finite for {bad} steps in a row (lr {lr} too high?); "
@@ -144,7 +149,7 @@ def fit(kind, model, loss_fn, batches, *, steps, lr, ema_rate, amp, device, path
             step += 1
             if step % log_every == 0 or step == steps:
                 rate = (step - step0) / max(time.time() - t0, 1e-9)
-                row = {"loss": float(loss.detach()), **logs}
+                row = {"loss": loss_value, **logs}
                 writer.writerow([step] + [f"{v:.5g}" for v in row.values()] + [f"{rate:.3f}"])
                 log_file.flush()
                 print(f"[{label}] step {step}/{steps} " + " ".join(f"{k} {v:.4f}" for k, v in row.items())
@@ -211,7 +216,8 @@ def train_ddpm(config, out, args, device, data, dist=(0, 1), beside=None):
           f"{images.shape[1]}x{images.shape[2]}, T={diffusion.num_timesteps}, device {device}", flush=True)
     tc = config["train"]
     model = model.to(device)
-    batches = Batches(images, labels, tc["batch_size"], flip=tc["flip"], seed=tc["seed"])
+    batches = Batches(images, labels, tc["batch_size"], seed=tc["seed"],
+                      flip=LABEL_UNDER_FLIP[config["data"]["name"]] if tc["flip"] else None)
     num_classes = max(ckpt_io.backbone_config(config)["num_classes"] - 1, 0)
     try:
         _, ema = fit("ddpm", model, ddpm_loss(diffusion, num_classes, tc.get("cfg_dropout", 0.0)), batches,
@@ -257,7 +263,8 @@ def train_classifier(config, out, args, device, name, data, dist=(0, 1)):
           f"{ctrain['steps']} steps, augment {ctrain['augment']}, crop {ctrain.get('crop_scale') or 'off'}"
           + (f", intensity U({intensity:g}, 1)" if intensity < 1 else ""), flush=True)
     augment = ctrain["augment"]
-    batches = Batches(images, labels, ctrain["batch_size"], flip=augment != "none", flip_labels=augment == "mirror",
+    batches = Batches(images, labels, ctrain["batch_size"], flip=None if augment == "none" else
+                      "swap" if augment == "mirror" else LABEL_UNDER_FLIP[config["data"]["name"]],
                       seed=ctrain["seed"], intensity=intensity, crop_scale=ctrain.get("crop_scale"))
     clf_config = dict(data=config["data"], diffusion=config["diffusion"], classifier=config["classifier"],
                       train=ctrain, seed=ctrain["seed"])
@@ -382,9 +389,10 @@ def main(argv=None, check_only=False):
         saved = None
         if "ddpm" not in what and (out / "config.json").exists():
             saved = ckpt_io.read_config(out / "config.json")
-            args.image_size = saved["data"]["image_size"]
+            args.image_size = args.image_size or saved["data"]["image_size"]    # another: check_saved_run refuses
         config = run_config.build_config(args)
         if saved is not None:  # a classifier added to a run shares the DDPM's data and chain
+            run_config.check_saved_run(args, config, saved, out)
             config.update(data=saved["data"], diffusion=saved["diffusion"])
         run_config.check_run(args, config, device, world, what, out, name)
         if check_only:
@@ -404,6 +412,8 @@ def main(argv=None, check_only=False):
             print(f"done: {out}", flush=True)
             return
         data = load_data(config["data"])  # fail on bad data before any work
+        if "classifier" in what or args.cfg_dropout > 0:     # both learn to tell the classes apart
+            check_classes(data[1], "the guidance classifier" if "classifier" in what else "--cfg-dropout's DDPM")
         config["classifier"]["num_classes"] = max(2, int(data[1].max()) + 1)
         if args.cfg_dropout > 0:   # K classes + the null label K
             ckpt_io.backbone_config(config)["num_classes"] = config["classifier"]["num_classes"] + 1

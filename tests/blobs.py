@@ -2,7 +2,8 @@
 
 Written from the definitions of evaluate.py's docstring, not from its code (no OpenCV): a pixel is bright when its
 BT.601 luma 0.299 R + 0.587 G + 0.114 B rounds above 127; blobs are 8-connected groups of bright pixels, found by
-flood fill; a blob of at least `min_area` (5) pixels is a circle, its centre the mean of its pixel coordinates.
+flood fill; a blob of at least `min_area` (5) pixels that does not span the image's whole width (a bright
+background) is a circle, its centre the mean of its pixel coordinates.
 """
 import numpy as np
 
@@ -32,8 +33,8 @@ def blobs(image, min_area=MIN_AREA):
                         if 0 <= yy < h and 0 <= xx < w and bright[yy, xx] and not seen[yy, xx]:
                             seen[yy, xx] = True
                             stack.append((yy, xx))
-            if len(pixels) >= min_area:
-                ys, xs = np.array(pixels, dtype=np.float64).T
+            ys, xs = np.array(pixels, dtype=np.float64).T
+            if len(pixels) >= min_area and xs.max() - xs.min() + 1 < w:
                 found.append((len(pixels), xs.mean(), ys.mean()))
     return found
 

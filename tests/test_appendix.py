@@ -95,6 +95,19 @@ def test_edit_moves_images_with_guidance(tiny_run):  # noqa: F811
     assert proc.returncode == 2 and "--lambdas" in proc.stderr
 
 
+def test_edit_towards_one_class_inverts_the_other_class(tiny_run):  # noqa: F811
+    """App. N edits non-smiling faces with classifier guidance towards smiling: `--lambdas 0,30` on circles inverts
+    the first left-border (class 0) training circles, the images guidance pulls towards the other class."""
+    run("sample.py", "--run", tiny_run, "--edit", "--lambdas", "0,30", "--num-samples", "3", "--sample-steps", "4",
+        "--name", "edit_one_class")
+    data = np.load(tiny_run / "samples" / "edit_one_class" / "samples.npz")
+    from data import circles_dataset
+    d = json.loads((tiny_run / "config.json").read_text())["data"]
+    images, labels, _ = circles_dataset(16, d["radius"], d["delta"], seed=d["seed"])
+    assert np.array_equal(data["originals"], images[labels == 0][:3])
+    assert all(x is not None and x < 0.5 for x in single_circle_x(data["originals"]))
+
+
 def test_quality_report(tiny_run):  # noqa: F811
     run("sample.py", "--run", tiny_run, "--num-samples", "8", "--sample-steps", "2", "--quality", "--name", "q")
     out = tiny_run / "samples" / "q"

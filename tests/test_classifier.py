@@ -379,3 +379,50 @@ def test_logits_are_divided_by_the_stored_temperature_and_sn_config_reaches_ever
     assert res and all(r.use_scale_shift_norm and r.emb_layers[1].out_features == 2 * r.in_conv.out_channels
                        for r in res)                # scale and shift: 2 x out_channels
     assert sum(r.resample is not None for r in res) == 2    # resblock_updown: ResBlocks halve 16 -> 8 -> 4
+
+
+def test_spectral_norm_passes_a_zero_weight_through_with_its_plain_gradient():
+    """At W = 0 (σ̂ = 0) the parametrization is the identity, value and gradient: d<c, f(W)>/dW = c exactly.
+
+    Dividing by a clamped σ̂ instead multiplied this gradient by lipschitz / eps (5e11), which froze every
+    zero-initialised layer under AdamW (next test).
+    """
+    torch.manual_seed(3)
+    w = torch.zeros(5, 4, 3, 3, requires_grad=True)
+    sn = SpectralNorm(w.detach(), lipschitz=0.5).train()
+    c = torch.randn(5, 4, 3, 3)
+    out = sn(w)
+    (out * c).sum().backward()
+    assert torch.equal(out.detach(), torch.zeros_like(c))
+    assert torch.equal(w.grad, c)
+    # Non-zero: the normalised weight, σ_max = the factor, and a finite gradient.
+    w2 = torch.randn(5, 4, 3, 3, requires_grad=True)
+    for _ in range(30):
+        sn(w2.detach())
+    out2 = sn(w2)
+    assert float(torch.linalg.matrix_norm(out2.detach().flatten(1), ord=2)) == pytest.approx(0.5, rel=1e-4)
+
+
+def test_zero_initialised_layers_keep_training_under_spectral_norm():
+    """Every parameter of an SN classifier, the zero-initialised last conv of each ResBlock included, still moves
+    in the second half of a 60-step AdamW run (RMS change over steps 40-60 >= 0.5·lr; the frozen layers of the
+    clamped division moved 0.09·lr there, the others ~2·lr), and AdamW's state stays finite and of the size of the gradients."""
+    torch.manual_seed(0)
+    model = ClassifierConfig(**SMALL, spectral_norm=True).build()
+    zero = [n for n, p in model.named_parameters() if not p.detach().any()]
+    assert len(zero) >= 5                                  # the ResBlocks' zero_module convs (biases are zero too)
+    lr = 1e-3
+    opt = torch.optim.AdamW(model.parameters(), lr, weight_decay=0.0)
+    x, t, y = torch.randn(8, 3, 16, 16), torch.randint(0, 4000, (8,)), torch.randint(0, 2, (8,))
+    with torch.autocast("cpu", enabled=False):
+        for step in range(60):
+            if step == 40:
+                snap = {n: p.detach().clone() for n, p in model.named_parameters()}
+            loss = F.cross_entropy(model(x, t), y)
+            opt.zero_grad(); loss.backward(); opt.step()
+    for name, p in model.named_parameters():
+        moved = float((p.detach() - snap[name]).pow(2).mean().sqrt()) / lr
+        assert moved >= 0.5, (name, moved)
+        state = opt.state[p]
+        assert torch.isfinite(state["exp_avg"]).all() and torch.isfinite(state["exp_avg_sq"]).all()
+        assert float(state["exp_avg_sq"].max()) < 1.0, name   # cross-entropy gradients of O(1) weights, not 1e16

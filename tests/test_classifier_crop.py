@@ -100,15 +100,15 @@ def dataset(n=6, side=8):
 def test_batches_with_zoom_one_only_flip_and_are_seeded():
     images, labels = dataset()
     ref = torch.as_tensor(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-    x, y = next(Batches(images, labels, 32, flip=True, seed=4, crop_scale=(1.0, 1.0)))
+    x, y = next(Batches(images, labels, 32, flip="keep", seed=4, crop_scale=(1.0, 1.0)))
     flipped = [torch.equal(x[i], ref[y[i]].flip(-1)) for i in range(32)]
     assert all(torch.equal(x[i], ref[y[i]]) or flipped[i] for i in range(32)) and 0 < sum(flipped) < 32
-    a, b, c = (next(Batches(images, labels, 32, flip=True, seed=s, crop_scale=(1.0, 1.25))) for s in (5, 5, 6))
+    a, b, c = (next(Batches(images, labels, 32, flip="keep", seed=s, crop_scale=(1.0, 1.25))) for s in (5, 5, 6))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[0], c[0])
     kept = [torch.equal(a[0][i], ref[a[1][i]]) or torch.equal(a[0][i], ref[a[1][i]].flip(-1)) for i in range(32)]
     assert not all(kept)                                             # S = 8 (unchanged) has probability 1/3 here
-    plain = next(Batches(images, labels, 32, flip=True, seed=5))
-    assert torch.equal(plain[0], next(Batches(images, labels, 32, flip=True, seed=5, crop_scale=None))[0])
+    plain = next(Batches(images, labels, 32, flip="keep", seed=5))
+    assert torch.equal(plain[0], next(Batches(images, labels, 32, flip="keep", seed=5, crop_scale=None))[0])
 
 
 @pytest.mark.parametrize("text,want", [("off", None), ("OFF", None), ("1,1.25", (1.0, 1.25)), ("1.1,1.1", (1.1, 1.1))])

@@ -61,10 +61,11 @@ def test_resume_continues_from_the_checkpoint(tiny_run, tmp_path):
     assert any(not torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
 
 
-def test_resume_is_equivalent_to_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("amp", [False, True])   # whatever the host's default (bf16 on AMX / AVX512-BF16 CPUs)
+def test_resume_is_equivalent_to_an_uninterrupted_run(tmp_path, amp):
     # constant lr: leg 1 of b stops at --steps 2, and a decaying lr depends on the --steps of the invocation
     a, b = tmp_path / "a", tmp_path / "b"
-    const = ("--what", "ddpm", "--eval-samples", "0", "--lr-decay", "0")
+    const = ("--what", "ddpm", "--eval-samples", "0", "--lr-decay", "0", "--amp" if amp else "--no-amp")
     run("train.py", *TINY, "--out", a, "--steps", "4", *const)
     run("train.py", *TINY, "--out", b, "--steps", "2", *const)
     run("train.py", *TINY, "--out", b, "--steps", "4", *const, "--resume")
@@ -250,7 +251,7 @@ def leftovers(run_dir):
     return sorted(p.name for p in run_dir.iterdir() if ".partial" in p.name)
 
 
-@pytest.mark.parametrize("mode", [[], ["--interpolate", "--points", "2", "--sample-steps", "2"]])
+@pytest.mark.parametrize("mode", [["--num-samples", "2"], ["--interpolate", "--points", "2", "--sample-steps", "2"]])
 def test_failed_sampling_leaves_no_folder_and_overwrite_replaces_whole(tiny_run, monkeypatch, mode):
     """Any failure after sampling started (here: the report cannot be written) leaves neither an empty nor a
     half-written sample folder; --overwrite swaps the old folder for the new one only once it is complete."""
@@ -260,7 +261,7 @@ def test_failed_sampling_leaves_no_folder_and_overwrite_replaces_whole(tiny_run,
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    args = ["--run", str(tiny_run), "--num-samples", "2", "--sample-steps", "2", *mode]
+    args = ["--run", str(tiny_run), "--sample-steps", "2", *mode]
     with monkeypatch.context() as m:
         m.setattr(sample, "write_report", broken)
         m.setattr(inversion, "write_report", broken)
@@ -268,7 +269,7 @@ def test_failed_sampling_leaves_no_folder_and_overwrite_replaces_whole(tiny_run,
             sample.main([*args, "--name", "broken"])
     assert not (tiny_run / "samples" / "broken").exists() and leftovers(tiny_run) == []
 
-    name = "replaced_inversion" if mode else "replaced"
+    name = "replaced_inversion" if "--interpolate" in mode else "replaced"
     old = tiny_run / "samples" / name
     old.mkdir(parents=True)
     (old / "stale.txt").write_text("from an earlier run")
@@ -431,10 +432,11 @@ def test_training_uses_the_decayed_lr_of_its_last_step(tmp_path):
     assert state["opt"]["param_groups"][0]["lr"] == pytest.approx(lr_at(4, 5, 1e-3, 0.4)) == pytest.approx(5e-4)
 
 
-def test_classifier_beside_the_ddpm_trains_the_same_weights_as_one_after_the_other(tmp_path):
+@pytest.mark.parametrize("amp", [False, True])   # the DDPM's precision; the classifier trains in fp32 always
+def test_classifier_beside_the_ddpm_trains_the_same_weights_as_one_after_the_other(tmp_path, amp):
     import os
     env = dict(os.environ, OMP_NUM_THREADS="1")   # same threads in both runs: float rounding depends on them
-    steps = ("--steps", "5", "--classifier-steps", "4", "--eval-samples", "0")
+    steps = ("--steps", "5", "--classifier-steps", "4", "--eval-samples", "0", "--amp" if amp else "--no-amp")
     together, apart = tmp_path / "together", tmp_path / "apart"
 
     def train(*args):
@@ -453,6 +455,8 @@ def test_classifier_beside_the_ddpm_trains_the_same_weights_as_one_after_the_oth
         assert a["step"] == b["step"] and set(a["model"]) == set(b["model"])
         assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), name
     assert (together / "classifier_heatmap.png").exists() and (together / "classifier.json").exists()
+    if amp:
+        return
     default = tmp_path / "default"
     train("--out", default)   # one thread: nothing to split, one after the other
     assert json.loads((default / "config.json").read_text())["train"]["overlap_steps"] == 0

@@ -225,7 +225,7 @@ def test_the_paper_preset_path_contains_none_of_the_additions(preset, tmp_path, 
     run = tmp_path / preset
     train.main(["--data", "circles", "--preset", preset, "--out", str(run), "--steps", "2", "--classifier-steps", "2",
                 "--eval-samples", "2", "--sample-steps", "2", "--model-channels", "8", "--classifier-width", "8",
-                "--channel-mult", "1,2", "--attention-resolutions", "4", "--image-size", "16", "--no-overlap",
+                "--channel-mult", "1,2", "--attention-resolutions", "none", "--image-size", "16", "--no-overlap",
                 "--diffusion-steps", "40"])
     config = __import__("json").loads((run / "config.json").read_text())
     paper = preset == "paper"

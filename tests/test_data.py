@@ -65,7 +65,7 @@ def test_float_uint8_conversion_truncates_like_official():
 
 def test_mirror_batches_swap_labels_consistently():
     images, labels, pos = circles_dataset(32)
-    batches = Batches(images, labels, 256, flip=True, flip_labels=True, seed=0)
+    batches = Batches(images, labels, 256, flip="swap", seed=0)
     x, y = next(batches)
     centre = (x[:, 0] > 0).float().mul(torch.arange(32.0)).sum((1, 2)) / (x[:, 0] > 0).float().sum((1, 2))
     assert ((centre >= 16).long() == y).all()
@@ -366,7 +366,7 @@ def test_batches_draw_with_the_generator_and_shard():
     assert y.tolist() == labels[idx.numpy()].tolist()
     odd = Batches(images, labels, 3, shard=(1, 2))
     assert len(odd) == 3 and (next(odd)[1] == 1).all()
-    flipped = Batches(images, labels, 64, flip=True, seed=0)       # flip without flip_labels keeps the labels
+    flipped = Batches(images, labels, 64, flip="keep", seed=0)     # "keep": the labels stay
     x, y = next(flipped)
     idx = torch.randint(0, 6, (64,), generator=torch.Generator().manual_seed(0))
     plain = to_float(images[idx.numpy()])

@@ -42,3 +42,16 @@ def test_bad_device_names_are_input_errors():
     if not torch.cuda.is_available():
         with pytest.raises(device.InputError, match="no GPU"):
             device.resolve_device("cuda:0")
+
+
+@pytest.mark.parametrize("host_default", [False, True])   # an AVX2-only EPYC; an AVX512-BF16 EPYC or an AMX Xeon
+@pytest.mark.parametrize("flag,amp", [([], None), (["--amp"], True), (["--no-amp"], False)])
+def test_the_amp_flags_pin_the_precision_whatever_the_hosts_default(monkeypatch, tmp_path, host_default, flag, amp):
+    """The tests that compare numbers across code paths pass --amp / --no-amp: the run's precision is then the
+    flag's on every host, and the host's default only without one."""
+    import train
+    from test_cli import TINY
+    monkeypatch.setattr(train.signal, "signal", lambda *a: None)        # keep pytest's own signal handlers
+    monkeypatch.setattr(train, "amp_default", lambda dev: host_default)
+    config = train.main([*TINY, "--device", "cpu", "--out", str(tmp_path / "r"), *flag], check_only=True)
+    assert config["train"]["amp"] is (host_default if amp is None else amp) and not (tmp_path / "r").exists()

@@ -166,6 +166,20 @@ def test_detector_threshold_min_area_and_8_connectivity_by_hand():
     assert detect_circles(rgb[None])[0][0] == 2
 
 
+def test_a_blank_or_all_white_sample_holds_no_circle():
+    """An all-white image is one component spanning the width, centroid x/W = 0.5: it used to count as one circle in
+    the middle. Now it holds none (like an all-black one); a full-width bar is ignored beside a real disc."""
+    white, black = np.full((32, 32, 3), 255, np.uint8), np.zeros((32, 32, 3), np.uint8)
+    bar = render_circles(np.array([[16, 8]]), 32)[0]
+    bar[25:27, :] = 255                                              # a 2-px bar across the whole width
+    found = detect_circles(np.stack([white, black, bar]))
+    assert [n for n, _, _ in found] == [0, 0, 1]
+    np.testing.assert_allclose(found[2][1], [[16, 8]], atol=1e-9)
+    m = circle_metrics(np.stack([white, black, white]))
+    assert m["accuracy"] == 0 and m["zero_circles"] == 1 and m["invalid"] == 1 and len(m["x"]) == 0
+    assert m["accuracy_any_size"] == 0 and m["invalid_any_size"] == 1
+
+
 def test_circle_metrics_middle_is_inclusive_and_reports_x():
     """W = 40: centres x = 8, 32 are x/W = 0.2, 0.8 (in the middle, both ends included); 7, 33 are not."""
     images = render_circles(np.array([[8, 20], [32, 20], [7, 20], [33, 20]]), 40)
@@ -258,6 +272,16 @@ def test_fid_and_frechet_distance_on_float32_and_rank_deficient_inputs():
     v = np.random.default_rng(0).normal(size=(3, 1))
     singular = v @ v.T                   # rank 1: round-off gives a -3e-18 eigenvalue, clipped to 0 before the sqrt
     assert frechet_distance(np.zeros(3), singular, np.zeros(3), singular) == pytest.approx(0, abs=1e-7)   # not NaN
+
+
+def test_fid_of_a_set_of_fewer_than_two_features_is_nan_and_constant_features_give_the_mean_distance():
+    """One feature has no covariance (N - 1 = 0): NaN, not a LinAlgError from the NaN matrix; constant features
+    have covariance 0, so FID is ||μ_a − μ_b||² (+ the other set's trace)."""
+    from quality import fid
+    x = np.random.default_rng(0).normal(size=(20, 3))
+    assert np.isnan(fid(x[:1], x)) and np.isnan(fid(x, x[:1])) and np.isnan(fid(x[:0], x))
+    assert fid(np.ones((5, 3)), np.zeros((7, 3))) == pytest.approx(3.0, abs=1e-12)
+    assert fid(np.ones((5, 3)), x) == pytest.approx(((1 - x.mean(0)) ** 2).sum() + np.trace(np.cov(x.T)), rel=1e-9)
 
 
 def test_classifier_heatmap_defaults_target_and_timestep():

@@ -188,7 +188,7 @@ def test_train_clean_classifier_draws_flipped_batches_once_per_step_and_sizes_it
     logged = []
     model, report = evaluator.train_clean_classifier(images, labels, images, labels, steps=3, batch_size=2, width=4,
                                                      seed=7, eval_every=5, log=logged.append)
-    assert made == [((2,), dict(flip=True, seed=7))] and len(draws) == 3
+    assert made == [((2,), dict(flip="keep", seed=7))] and len(draws) == 3
     assert model.head[1].out_features == 3 and model.trunk[0].out_channels == 4
     assert len(logged) == 1 and logged[0].startswith("[evaluator] step 3/3 loss ")
     assert logged[0].endswith(f"val acc {report['val_accuracy']:.4f} (best {report['val_accuracy']:.4f} at 3)")
@@ -233,6 +233,23 @@ def test_train_clean_classifier_defaults_batch_64_and_adamw_1e3(monkeypatch):
     logged = []
     model, _ = evaluator.train_clean_classifier(images, labels, images, labels, steps=3, width=5, seed=2,
                                                 log=logged.append)
-    assert made == [((64,), dict(flip=True, seed=2))] and len(draws) == 3 and model.width == 5
+    assert made == [((64,), dict(flip="keep", seed=2))] and len(draws) == 3 and model.width == 5
     assert opts == [dict(lr=1e-3, weight_decay=1e-4)]
     assert [line.split()[2] for line in logged] == ["3/3"]
+
+
+def test_calibration_keeps_the_temperature_in_range_on_separable_and_uninformative_logits():
+    """Degenerate held-out logits have no NLL minimiser at a finite T > 0; fit_temperature returns the bound the
+    NLL falls towards (it used to return T = 2.3e-9 and 784 here), and calibrate stores and reports that T."""
+    from classifier import T_MAX, T_MIN, calibrate, fit_temperature
+    labels = torch.arange(200) % 2
+    separable = 0.01 * torch.nn.functional.one_hot(labels, 2).float()    # every label the argmax: NLL falls as T -> 0
+    uninformative = torch.tensor([[1.0, 0.0]]).repeat(200, 1)            # balanced labels: NLL falls as T -> inf
+    assert fit_temperature(separable, labels) == pytest.approx(T_MIN)
+    assert fit_temperature(uninformative, labels) == pytest.approx(T_MAX)
+    model = evaluator.EvalNet(in_channels=1, width=8, num_classes=2)
+    report = calibrate(model, separable, labels)
+    p = 1 / (1 + np.exp(-0.01 / T_MIN))            # p(true label) at T_MIN: sigmoid(0.2); every prediction right
+    assert model.temperature.item() == pytest.approx(T_MIN) and report["temperature"] == pytest.approx(T_MIN)
+    assert report["ece_after"] == pytest.approx(1 - p, abs=1e-6)
+    assert report["nll_after"] == pytest.approx(-np.log(p), abs=1e-6)

@@ -12,7 +12,7 @@ from test_cli import ROOT, TINY, run
 
 def start_training(out, steps=100_000):
     return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *TINY, "--out", str(out), "--steps", str(steps),
-                             "--what", "ddpm", "--eval-samples", "0", "--ckpt-every", "3"],
+                             "--what", "ddpm", "--eval-samples", "0", "--ckpt-every", "3", "--log-every", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
 
 
@@ -42,9 +42,15 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path, sig):
         assert proc.returncode == 130 and f"saved step {state['step']}" in stdout
     assert not list(out.glob("*.tmp*")) or sig == signal.SIGKILL
     target = state["step"] + 2
+    step_of = lambda row: int(row.split(",")[0])
+    before = (out / "ddpm_loss.csv").read_text().splitlines()
     resumed = run("train.py", *TINY, "--out", out, "--steps", target, "--what", "ddpm", "--eval-samples", "0",
-                  "--resume")
+                  "--resume", "--log-every", "1")
     assert f"at step {state['step']}" in resumed.stdout
+    # the log goes on from the checkpoint, each step once, not `... 4 5 6 4 5` (a kill -9 between checkpoints)
+    rows = (out / "ddpm_loss.csv").read_text().splitlines()
+    assert [step_of(r) for r in rows] == list(range(1, target + 1))
+    assert [r for r in rows if step_of(r) <= state["step"]] == [r for r in before if step_of(r) <= state["step"]]
     after = torch.load(out / "ddpm.pt", weights_only=True)
     assert after["step"] == target
     assert set(after["opt"]["state"]) and after["rng"]["loss"].dtype == torch.uint8

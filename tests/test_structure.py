@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # on top. A new file must be placed here.
 LAYERS = [
     {"cli"},                                                     # the one error type, flag parsers
-    {"augment", "morpho"},                                       # zoom-crop under data.Batches; stroke thickness
+    {"augment", "morpho", "images"},                             # zoom-crop under data.Batches; stroke thickness;
+                                                                 # image files decoded as a viewer shows them
     {"mnist"},                                                   # the digits and their thickness split, under data
     {"data", "ddpm", "unet", "device", "cpu_preset", "guidance", "inception"},
     {"dit", "classifier"},                                       # build on unet.py's blocks

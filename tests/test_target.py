@@ -216,6 +216,21 @@ def test_target_potential_is_minus_half_scale_logit_gap_squared():
     assert torch.allclose(potential, -1.5 * (f - f_star) ** 2)
 
 
+def test_logit_loss_and_potential_at_a_target_of_exactly_0_or_1_are_finite():
+    """q = (0, 1): f* = log(q_1/q_0) is floored to ±log(1/tiny) = ±87.34 (float32) instead of ±inf, which made the
+    logit guidance NaN and the potential −inf. Classifier logits (0, a·x): f = a·x, g = scale·(f* − f)·a."""
+    a, scale = 2.0, 3.0
+    x, t = torch.tensor([[0.5], [-1.0]]), torch.zeros(2, dtype=torch.long)
+    clf = lambda x, t: torch.cat([torch.zeros_like(x), a * x], 1)
+    edge = -np.log(torch.finfo(torch.float32).tiny)                     # 87.3365...
+    for q, f_star in (([0.0, 1.0], edge), ([1.0, 0.0], -edge)):
+        f = a * x[:, 0]
+        torch.testing.assert_close(target_guidance(clf, q, scale, loss="logit")(x, t)[:, 0],
+                                   scale * (f_star - f) * a, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(target_potential(clf, q, scale)(x, t), -0.5 * scale * (f - f_star) ** 2,
+                                   rtol=1e-5, atol=1e-3)
+
+
 # ----- levels and maps -----
 
 def test_levels_of_circles_and_broken_images():
@@ -289,7 +304,7 @@ def test_sample_at_a_target_writes_the_level_report(tiny_run):  # noqa: F811
     (["--target", "0.4", "--lambdas", "30,30"], "drop --lambdas"),
     (["--corrector-steps", "2"], "add --target"),
     (["--target", "0.4", "--target-scale", "0"], "--target-scale and --corrector-size positive"),
-    (["--target", "nan"], "--target must be a finite level"),
+    (["--target", "nan"], "argument --target: nan is not a finite float32 number"),
     (["--target", "0.4", "--smc-scale", "-1"], "--smc-scale in [0, 1e+06]"),
     (["--target", "0.4", "--smc-scale", "1e7"], "--smc-scale in [0, 1e+06]"),
     (["--target", "0.4", "--smc-scale", "3", "--batch-size", "1"], "use --batch-size 2 or more"),
