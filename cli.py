@@ -65,9 +65,14 @@ def parse_given(parser, argv=None):
     """parser.parse_args(argv) with `given` added: the set of flags (dests) on the command line, however spelt
     (abbreviated, --flag=value), told from defaults by parsing again with every default suppressed."""
     args = parser.parse_args(argv)
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS
-    args.given = set(vars(parser.parse_args(argv)))
+    defaults = [(action, action.default) for action in parser._actions]
+    try:
+        for action, _ in defaults:
+            action.default = argparse.SUPPRESS
+        args.given = set(vars(parser.parse_args(argv)))
+    finally:                                         # the parser stays usable
+        for action, default in defaults:
+            action.default = default
     return args
 
 
