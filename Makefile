@@ -29,16 +29,28 @@ mnist: mnist-data
 	$(BIN)/python train.py --data mnist --eval-samples 1000
 	$(BIN)/python sample.py --run runs/mnist --lambdas 30,30
 
+# Sec. 7 on circles (appendix/extrapolation.py): the DDPM sees discs in one quadrant, the classifier everywhere;
+# unguided, then guided towards the right half, where the DDPM never saw a disc.
+extrapolation: setup
+	$(BIN)/python train.py --data quadrant
+	$(BIN)/python sample.py --run runs/quadrant
+	$(BIN)/python sample.py --run runs/quadrant --lambdas 0,30
+
+# App. E on circles: a classifier of synthetic white / green disc pairs guides a DDPM of white discs towards green.
+green: setup
+	$(BIN)/python train.py --data green
+	$(BIN)/python sample.py --run runs/green --lambdas 0,30
+
 test: setup mnist-data
 	$(BIN)/python -m pytest -q -n auto --dist loadfile tests
 
 bench: setup
-	$(BIN)/python bench.py
+	$(BIN)/python -m scripts.bench
 
-# A GPU user's first ten minutes (gpu_check.py): the suite on CUDA, bench.py on the paper config, where the time
+# A GPU user's first ten minutes (scripts/gpu_check.py): the suite on CUDA, bench.py on the paper config, where the time
 # goes, a short paper-preset circles run; one report in gpu_check/. Without a GPU: its reduced CPU form.
 gpu-check: setup
-	$(BIN)/python gpu_check.py
+	$(BIN)/python -m scripts.gpu_check
 
 # Mutation testing of the fast unit tests (config: setup.cfg [mutmut]); slow, not part of `make test` or CI.
 # One worker, one torch thread. `$(BIN)/mutmut results` lists survivors, `$(BIN)/mutmut show NAME` shows one.
@@ -46,4 +58,4 @@ mutants: setup
 	$(BIN)/pip install -q mutmut==3.8.1
 	OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children 1 $(MUTANTS)
 
-.PHONY: setup mnist-data demo mnist test bench gpu-check mutants
+.PHONY: setup mnist-data demo mnist extrapolation green test bench gpu-check mutants

@@ -1,4 +1,4 @@
-"""What the entry points (train.py, sample.py, repeat.py, sweep.py) share on the command line.
+"""What the entry points (train.py, sample.py, scripts/repeat.py, scripts/sweep.py) share on the command line.
 
 One error type for bad input: `InputError` (a flag, a flag combination, a data set, a checkpoint or a device
 that cannot work). It is raised before any work starts where possible, and every entry point prints it as one

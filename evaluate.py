@@ -21,10 +21,10 @@ import cv2
 import numpy as np
 import torch
 
-import checkpoint as ckpt_io
+from infra import checkpoint as ckpt_io
 from cli import InputError
 from data import circles_dataset, make_grid, render_circles, sizes_dataset, to_float
-from device import host_info
+from infra.device import host_info
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -13,12 +13,10 @@ gradient is taken at x_t with the original timestep (GaussianDiffusion maps resp
 Σ ⊙ g (ancestral, `condition_mean`) or ε by -sqrt(1-ᾱ_t) g (DDIM, `condition_score`). The paper guides every
 step; the CPU preset's guidance window is a wrapper of the cond_fn made here (cpu_preset.guidance_window).
 
-For sampling at a chosen level of the gap (target.py; not in the paper): `target_guidance` pulls p(y | x_t) towards
-a target q, `target_potential` is the same aim as a potential for ddpm's sequential Monte Carlo resampling, and
-`shift_averaged` averages a classifier over small translations.
+Classifier-free multi-guidance [ZSI App. J, eq. 12] is a wrapper of the denoiser, `classifier_free`. Sampling at a
+chosen level of the gap (not in the paper) builds its own cond_fns beside this file: beyond/target_guidance.py.
 """
 import torch
-import torch.nn.functional as F
 
 
 def multi_guidance(classifiers, lambdas):
@@ -42,95 +40,6 @@ def multi_guidance(classifiers, lambdas):
             return torch.autograd.grad(total, x)[0]
 
     return cond_fn
-
-
-def target_guidance(classifier, q, scale, loss="kl"):
-    """cond_fn pulling the classifier's p(y | x_t, t) towards a target distribution q over its K classes.
-
-    loss="kl":  g = ∇_{x_t} -scale·KL(q ‖ p) = scale·Σ_m q_m ∇ log p_m, which is multi-guidance [ZSI eq. 2] with the
-                asymmetric weights λ_m = scale·q_m; for two classes (logit f, p = σ(f)) g = scale·(q_1 − p_1)·∇f,
-                zero exactly where p(class 1 | x_t) = q_1. q = (1/2, 1/2), scale 60 is the paper's λ = 30, 30.
-    loss="mse": g = ∇_{x_t} -(scale/2)·‖p − q‖², the same fixed point with an extra factor p_m(1 − p_m): weaker
-                where the classifier is sure.
-    loss="logit": two classes only: g = ∇_{x_t} -(scale/2)·(f − f*)², f = log p_1 − log p_0 and f* = log(q_1/q_0):
-                a pull that grows with the distance in logits instead of saturating at scale·q like kl's.
-    q: [K] weights summing to 1, or a function t -> [N, K] (a target that changes with the noise level; t the
-    original timesteps [N]). Returns cond_fn(x_t, t) -> g [N, C, H, W], float32, one forward and backward per step.
-    Raises ValueError for an unknown loss.
-    """
-    if loss not in ("kl", "mse", "logit"):
-        raise ValueError(f"unknown target loss {loss!r}; choose kl, mse or logit")
-    target = as_target(q)
-
-    def cond_fn(x_t, t):
-        with torch.enable_grad(), torch.autocast(x_t.device.type, enabled=False):
-            x = x_t.detach().float().requires_grad_(True)
-            log_p = torch.log_softmax(classifier(x, t).float(), dim=-1)      # [N, K]
-            q_t = target(t).to(x.device)                                     # [N, K]
-            if loss == "kl":
-                objective = (q_t * log_p).sum()
-            elif loss == "mse":
-                objective = -0.5 * ((log_p.exp() - q_t) ** 2).sum()
-            else:
-                objective = -0.5 * logit_gap(log_p, q_t).square().sum()
-            return scale * torch.autograd.grad(objective, x)[0]
-
-    return cond_fn
-
-
-def as_target(q):
-    """q as a function t [N] -> [N, K]: q itself if it is one, else the fixed weights q [K] repeated."""
-    return q if callable(q) else (lambda t, q=torch.as_tensor(q, dtype=torch.float32): q.expand(len(t), -1))
-
-
-def logit_gap(log_p, q):
-    """f − f* [N] for two classes: f = log p_1 − log p_0 from log-probabilities [N, 2], f* = log(q_1/q_0), q [N, 2].
-
-    Each q_m is floored at the smallest normal float of q's dtype (float32: 1.2e-38) before its log, so a target at
-    the edge, q = (0, 1) or (1, 0), gives the finite f* = ±87.3 (float32) instead of ±inf: the logit loss and
-    target_potential then stay finite (with f* = inf, (f − f*)² was inf, its gradient inf · ∇f or NaN, which put NaN
-    into every guided sample, and the potential −inf for every particle made SMC's weights −inf − (−inf) = NaN).
-    """
-    tiny = torch.finfo(q.dtype).tiny
-    return (log_p[:, 1] - log_p[:, 0]) - (torch.log(q[:, 1].clamp_min(tiny)) - torch.log(q[:, 0].clamp_min(tiny)))
-
-
-def target_potential(classifier, q, scale):
-    """log G(x_t, t) = −(scale/2)·(f − f*)² [N]: the logit loss of `target_guidance` as a potential for ddpm's
-    sequential Monte Carlo resampling (p_sample_loop(resample=...)), float32, no gradient. classifier: two classes;
-    q: [2] or a function t -> [N, 2], as in target_guidance. Not in the paper."""
-    target = as_target(q)
-
-    def log_potential(x_t, t):
-        with torch.no_grad(), torch.autocast(x_t.device.type, enabled=False):
-            log_p = torch.log_softmax(classifier(x_t.float(), t).float(), dim=-1)
-            return -0.5 * scale * logit_gap(log_p, target(t).to(x_t.device)).square()
-
-    return log_potential
-
-
-def shift_averaged(classifier, shifts):
-    """The classifier averaged over small diagonal translations: x -> log (1/S) Σ_s softmax(f(shift_s x, t)), [N, K].
-
-    shifts: S >= 1; the image moves by d pixels right and down for d in -⌊S/2⌋ .. S-1-⌊S/2⌋ (replicate padding, so
-    the size stays). A strided U-Net classifier trained on the extremes answers differently at positions of
-    different phase on its downsampling lattice (a saw-tooth in p along the gap, RESULTS.md); averaging over S
-    phases (S = 4 for a classifier that downsamples by 4) leaves p's trend across the gap. Test-time augmentation,
-    not in the paper; costs S classifier passes. The output are log-probabilities: log_softmax leaves them as they are.
-    """
-    if shifts <= 1:
-        return classifier
-    offsets = [d - shifts // 2 for d in range(shifts)]
-    pad = max(abs(d) for d in offsets)
-
-    def averaged(x, t):
-        h, w = x.shape[-2:]
-        padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")
-        log_p = [torch.log_softmax(classifier(padded[..., pad - d:pad - d + h, pad - d:pad - d + w], t).float(), -1)
-                 for d in offsets]
-        return torch.logsumexp(torch.stack(log_p), 0) - torch.log(torch.tensor(float(shifts)))
-
-    return averaged
 
 
 def classifier_free(model, lambda_, num_classes):

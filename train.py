@@ -8,7 +8,7 @@ Writes into --out (default runs/<data>): config.json (data, diffusion, U-Net and
 ddpm.pt (model, EMA, optimizer, scaler, step, RNG), ddpm_loss.csv, ddpm_samples.png/.npz and
 ddpm_report.md (unguided EMA samples), train_examples.png, and per classifier <name>.pt, <name>.json,
 <name>_loss.csv, <name>_heatmap.png (circles). A killed run continues with --resume; Ctrl-C saves first.
-CelebA also: `--what evaluator` (evaluator.py's clean classifier) and `--what filter` (App. D subsets).
+CelebA also: `--what evaluator` (appendix/evaluator.py's clean classifier) and `--what filter` (App. D subsets).
 
 The DDPM loss is L_hybrid [IDDPM eq. 16] with t ~ U{0..T-1}; the classifier loss is the cross-entropy of
 p(y | x_t, t) on the same chain (docs/paper_notes.md §2.2, §3.2). Flags, presets and checks: config.py.
@@ -27,18 +27,18 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-import checkpoint as ckpt_io
+from infra import checkpoint as ckpt_io
 import config as run_config
 from classifier import converge_spectral_norm, noisy_classifier_loss
 from cli import TrainingError, format_time, one_line_errors
-from cpu_preset import channel_mean_stats
-from data import LABEL_UNDER_FLIP, Batches, check_classes, load_data, save_grid
-from device import (amp_default, autocast, check_in_sync, global_batch_numbers, grad_scaler, resolve_device,
+from beyond.cpu_preset import Additions, channel_mean_stats, dc_prior
+from data import LABEL_UNDER_FLIP, Batches, check_classes, save_grid, training_sets
+from infra.device import (amp_default, autocast, check_in_sync, global_batch_numbers, grad_scaler, resolve_device,
                     setup_distributed)
 from evaluate import classifier_heatmap, plot_heatmaps, save_samples, unguided_circles_report, write_report
-from evaluator import filter_run, filter_targets, train_evaluator_run
-from generate import dc_prior, generate
-from mnist_eval import DIGIT_EVALUATOR, train_digit_evaluator, unguided_report
+from appendix.evaluator import filter_run, filter_targets, train_evaluator_run
+from infra.generate import generate, sampling_model
+from beyond.mnist_eval import DIGIT_EVALUATOR, train_digit_evaluator, unguided_report
 from unet import count_parameters
 
 
@@ -232,8 +232,10 @@ def train_ddpm(config, out, args, device, data, dist=(0, 1), beside=None):
             beside.stop()       # Ctrl-C, SIGTERM or an error: the classifier saves and exits too
     if args.eval_samples > 0 and dist[0] == 0:
         ema.eval()
-        samples = generate(ema, diffusion.respace(config["sample_steps"]), args.eval_samples, amp=tc["amp"],
-                           device=device, seed=tc["seed"], channels_last=True, dc=dc_prior(config))
+        chain = diffusion.respace(config["sample_steps"])     # unguided, with the run's DC correction (cpu_preset)
+        net = Additions(dc_prior(config)).denoiser(sampling_model(ema, device, tc["amp"], channels_last=True), chain)
+        samples = generate(net, chain, (ema.in_channels, ema.image_size, ema.image_size), args.eval_samples,
+                           device=device, seed=tc["seed"])
         save_samples(out / "ddpm_samples.npz", samples)
         save_grid(samples[:100], out / "ddpm_samples.png", nrow=10, scale=max(1, 128 // samples.shape[1]))
         if config["data"]["name"] == "circles":
@@ -333,7 +335,7 @@ def classifier_process(config, out, args, name, threads):
     signal.signal(signal.SIGTERM, _interrupt)
     torch.set_num_threads(threads)
     with one_line_errors("train.py"):
-        train_classifier(config, out, args, torch.device("cpu"), name, load_data(config["data"]))
+        train_classifier(config, out, args, torch.device("cpu"), name, training_sets(config["data"])[1])
 
 
 def overlap_steps(args, config, device, world, what):
@@ -372,7 +374,7 @@ def _interrupt(signum, frame):
 
 
 def main(argv=None, check_only=False):
-    """train.py's entry point; check_only: return the run config after every check, before any work (repeat.py
+    """train.py's entry point; check_only: return the run config after every check, before any work (scripts/repeat.py
     checks its classifiers' flags so before sampling anything)."""
     args = run_config.parse_args(argv)
     made = {}   # the outermost run folder this call creates (rank 0), removed again if the run fails early
@@ -411,10 +413,10 @@ def main(argv=None, check_only=False):
                            device, stage1=args.stage1)
             print(f"done: {out}", flush=True)
             return
-        data = load_data(config["data"])  # fail on bad data before any work
+        data, clf_data = training_sets(config["data"])  # fail on bad data before any work
         if "classifier" in what or args.cfg_dropout > 0:     # both learn to tell the classes apart
-            check_classes(data[1], "the guidance classifier" if "classifier" in what else "--cfg-dropout's DDPM")
-        config["classifier"]["num_classes"] = max(2, int(data[1].max()) + 1)
+            check_classes(clf_data[1], "the guidance classifier" if "classifier" in what else "--cfg-dropout's DDPM")
+        config["classifier"]["num_classes"] = max(2, int(clf_data[1].max()) + 1)
         if args.cfg_dropout > 0:   # K classes + the null label K
             ckpt_io.backbone_config(config)["num_classes"] = config["classifier"]["num_classes"] + 1
         if rank == 0:
@@ -422,7 +424,7 @@ def main(argv=None, check_only=False):
             out.mkdir(parents=True, exist_ok=True)
         beside = None
         if "ddpm" in what:
-            config["dc_prior"] = channel_mean_stats(data[0])   # saved with the DDPM; read by generate.dc_prior
+            config["dc_prior"] = channel_mean_stats(data[0])   # saved with the DDPM; read by cpu_preset.dc_prior
             config["train"]["overlap_steps"] = overlap_steps(args, config, device, world, what)
             if config["train"]["overlap_steps"]:
                 beside = ClassifierBeside(config, out, args, name, config["train"]["overlap_steps"],
@@ -431,7 +433,7 @@ def main(argv=None, check_only=False):
                 ckpt_io.write_json(config, out / "config.json")
             train_ddpm(config, out, args, device, data, (rank, world), beside)
         if "classifier" in what and not (beside is not None and beside.done):
-            train_classifier(config, out, args, device, name, data, (rank, world))
+            train_classifier(config, out, args, device, name, clf_data, (rank, world))
         digits = config["data"]["name"] == "mnist" and not (out / DIGIT_EVALUATOR).exists()
         if args.what == "all" and digits and rank == 0:
             train_digit_evaluator(config["data"], out, args.eval_steps or preset["eval_steps"],

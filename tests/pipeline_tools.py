@@ -3,7 +3,7 @@ at what its networks train on.
 
 `capture` runs train.main with train.fit replaced by a recorder (the model, loss function and Batches each path
 builds, no step taken); `AdamWatch` follows every AdamW step of a real run through torch's global optimizer hook;
-`watched_clean_classifier` records what evaluator.py's training loop draws and feeds its network; `match` finds a
+`watched_clean_classifier` records what appendix/evaluator.py's training loop draws and feeds its network; `match` finds a
 drawn image among the data set's images (as stored or mirrored); the measures (disc centroid, disc radius, hair
 darkness, stroke thickness) read the attribute a label names from the pixels.
 """
@@ -16,13 +16,14 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-import evaluator
+from appendix import evaluator
 import train
 from celeba_tree import make_celeba_tree
 from data import celeba_split, load_images
-from evaluator import EvalNet
-from mnist import read_idx
-from morpho import stroke_thickness
+from appendix.evaluator import EvalNet
+from beyond.mnist import read_idx
+from beyond.morpho import stroke_thickness
+from tiny_flags import for_what
 
 TINY = ["--image-size", "16", "--model-channels", "8", "--classifier-width", "8", "--eval-width", "8",
         "--eval-samples", "0", "--log-every", "100000", "--ckpt-every", "100000", "--no-amp", "--no-overlap"]
@@ -38,10 +39,11 @@ NEGLIGIBLE = 1e-4   # (a): a late gradient RMS below this fraction of the median
 # ---------------------------------------------------------------------------------------------------
 
 def train_main(*argv):
-    """train.py's main() here, its SIGINT/SIGTERM handlers put back afterwards."""
+    """train.py's main() here with the tiny sizes its --what uses (tiny_flags), its SIGINT/SIGTERM handlers put
+    back afterwards."""
     old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        train.main([str(a) for a in argv])
+        train.main(for_what(argv))
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
@@ -59,17 +61,19 @@ def captured(mark=False):
         return model, None
 
     def marked(data_config):
-        images, labels = real_load(data_config)
-        images = images.copy()
-        images[:, 0, 0] = 128
-        return images, labels
+        out = []
+        for images, labels in real_sets(data_config):      # the DDPM's and the classifier's
+            images = images.copy()
+            images[:, 0, 0] = 128
+            out.append((images, labels))
+        return tuple(out)
 
-    real_load = train.load_data
+    real_sets = train.training_sets
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train, "fit", fake_fit)
         mp.setattr(train, "plot_heatmaps", lambda *a, **k: None)
         if mark:
-            mp.setattr(train, "load_data", marked)
+            mp.setattr(train, "training_sets", marked)
         yield calls
 
 
@@ -204,7 +208,7 @@ def recorded_models():
 
 
 # ---------------------------------------------------------------------------------------------------
-# The clean classifiers (evaluator.py's training loop) and the measures of (b)-(d)
+# The clean classifiers (appendix/evaluator.py's training loop) and the measures of (b)-(d)
 # ---------------------------------------------------------------------------------------------------
 
 @contextlib.contextmanager

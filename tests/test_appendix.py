@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from blobs import middle_fraction, single_circle_x
-from inversion import lerp, slerp
+from appendix.inversion import lerp, slerp
 from test_cli import run, tiny_run  # noqa: F401  (module fixture: a 16x16 run with a classifier)
 
 
@@ -33,7 +33,7 @@ def test_slerp_keeps_the_latents_device():
 def test_edit_runs_ddim_with_eta_t_equal_to_t_over_t_start():
     """App. N: invert to t_start (t_start deterministic steps up), then guided DDIM from t_start down to 0 with
     η_t = t / t_start at respaced index t, noise drawn only where η_t > 0, the guidance at every step."""
-    import inversion
+    from appendix import inversion
     from ddpm import DiffusionConfig
     chain = DiffusionConfig(diffusion_steps=1000).build().respace(10)
     steps, reverse = [], []
@@ -156,7 +156,7 @@ def test_cfg_needs_a_conditional_run(tiny_run):  # noqa: F811
 
 
 def test_dit_shapes_zero_init_and_training(tmp_path):
-    from dit import DiTConfig
+    from appendix.dit import DiTConfig
     from test_cli import TINY
     net = DiTConfig(image_size=16, patch_size=2, hidden_size=32, depth=2, num_heads=4, num_classes=3).build()
     x, t = torch.randn(5, 3, 16, 16), torch.randint(0, 4000, (5,))
@@ -236,8 +236,7 @@ def test_sample_labels_name_the_guidance():
 def test_interpolate_decodes_slerp_and_lerp_paths_between_the_two_latents():
     """App. M with a stand-in chain: invert(x_a, x_b) -> z = 2x + 1; the path at α = 0, 1/2, 1 (slerp and lerp);
     each path decoded by DDIM η = 0 from the same respaced index, without guidance."""
-    import inversion
-
+    from appendix import inversion
     class Chain:
         num_timesteps = 10
 
@@ -285,8 +284,7 @@ def test_slerp_by_hand_per_row_and_the_exact_lerp_fallback():
 
 
 def test_edit_passes_its_generator_and_guidance_to_the_decoder():
-    import inversion
-
+    from appendix import inversion
     class Chain:
         num_timesteps = 10
         seen = {}
@@ -315,8 +313,7 @@ def test_size_metrics_counts_samples_and_invalid_fraction():
 def test_interpolate_passes_the_model_uses_nine_points_and_accepts_the_first_latent():
     """The model reaches both the inversion and every decode; the default path has 9 points, α = j/8; t_stop = 1
     (the least noisy latent) is valid for invert, decode and interpolate."""
-    import inversion
-
+    from appendix import inversion
     class Chain:
         num_timesteps = 10
 

@@ -1,10 +1,10 @@
-"""bench.py: the timing helper interleaves what it compares, and a tiny table can be produced (no timings asserted)."""
+"""scripts/bench.py: the timing helper interleaves what it compares, and a tiny table can be produced (no timings asserted)."""
 import math
 
 import pytest
 import torch
 
-from bench import bench_config, timed
+from scripts.bench import bench_config, timed
 from classifier import ClassifierConfig
 from unet import UNetConfig
 
@@ -48,7 +48,7 @@ def test_bench_config_gives_one_finite_row_per_mode():
 
 
 def test_modes_are_parts_joined_by_plus_and_bad_ones_are_refused():
-    from bench import mode_parts
+    from scripts.bench import mode_parts
     from cli import InputError
     assert mode_parts("amp+channels_last+compile") == {"amp", "channels_last", "compile"}
     assert mode_parts("fp32") == {"fp32"}
@@ -58,7 +58,7 @@ def test_modes_are_parts_joined_by_plus_and_bad_ones_are_refused():
 
 
 def test_profile_splits_the_busy_time_by_kind_of_work():
-    from bench import category, profile
+    from scripts.bench import category, profile
     assert [category(n) for n in ("aten::cudnn_convolution", "aten::convolution_backward", "aten::addmm",
                                   "aten::_scaled_dot_product_flash_attention", "aten::native_group_norm",
                                   "aten::_foreach_lerp_", "aten::copy_", "aten::mul")] == \
@@ -81,7 +81,7 @@ def test_profile_splits_the_busy_time_by_kind_of_work():
     (["--skip-paper", "--skip-cpu-preset"], "leave nothing to measure"),
     (["--json", "/nonexistent/dir/b.json"], "its folder does not exist"), (["--modes", "fp16"], "--modes")])
 def test_bad_flags_are_one_line_before_any_timing(flags, message, capsys):
-    from bench import main
+    from scripts.bench import main
     with pytest.raises(SystemExit) as exit_:
         main(flags)
     err = capsys.readouterr().err

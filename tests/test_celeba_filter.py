@@ -11,7 +11,7 @@ import torch
 
 from celeba_tree import make_celeba_tree
 from data import celeba_split, load_images
-from evaluator import load_evaluator, predict_probs
+from appendix.evaluator import load_evaluator, predict_probs
 from test_cli import run
 
 SIZE = ["--image-size", "16", "--eval-width", "8", "--eval-steps", "60", "--log-every", "50"]

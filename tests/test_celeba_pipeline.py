@@ -29,7 +29,7 @@ def recomputed_scores(images, evaluator):
     included), the 100-bin histograms over [min p, max p] (the paper's) and over [0, 1], and from each the KLD
     Σ h ln(100 h) and the L2 norm ||h - 1/100|| to uniform ([ZSI] App. B); and the count of p in
     [0.49, 0.51]."""
-    from evaluator import load_evaluator
+    from appendix.evaluator import load_evaluator
     model, _ = load_evaluator(evaluator)
     with torch.no_grad():
         x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -93,7 +93,7 @@ def test_ddpm_on_the_subset_and_scored_samples(celeba):
         assert report[f"{key}_classifier30-30"] == pytest.approx(value, rel=1e-6, abs=1e-9), key
     assert (out / "samples" / "g" / "histogram_p.png").exists()
     # the λ sweep of Sec. 5.3 / Fig. S13: KLD and "MSE" of the evaluator's histogram for each λ
-    run("sweep.py", "--run", out, "--lambdas", "0,10", "--num-samples", "6", "--sample-args", "--sample-steps 2",
+    run("scripts/sweep.py", "--run", out, "--lambdas", "0,10", "--num-samples", "6", "--sample-args", "--sample-steps 2",
         "--name", "s")
     rows = json.loads((out / "sweeps" / "s" / "sweep.json").read_text())["rows"]
     assert [r["lambda"] for r in rows] == [0.0, 10.0]

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cpu_preset import MirrorEquivariant
+from beyond.cpu_preset import MirrorEquivariant
 from classifier import (ClassifierConfig, SpectralNorm, calibrate, converge_spectral_norm,
                         expected_calibration_error, fit_temperature, noisy_classifier_loss, spectral_norm_sigmas)
 from ddpm import DiffusionConfig
@@ -279,7 +279,7 @@ def test_eval_net_is_the_compact_resnet_it_describes():
     """EvalNet against a by-hand forward of its own weights: stem conv 3x3 + GN + SiLU; stage i a BasicBlock of
     width·2^i channels, stride 1 then 2 (1x1 strided projection when the shape changes, identity otherwise);
     global mean; dropout + linear head; / temperature. Random weights in place of the zero/one GroupNorm defaults."""
-    from evaluator import EvalConfig
+    from appendix.evaluator import EvalConfig
     torch.manual_seed(0)
     net = EvalConfig(in_channels=2, width=8, stages=3, num_classes=3).build()
     with torch.no_grad():

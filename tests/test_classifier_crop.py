@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import augment
+from appendix import augment
 import config
-from augment import parse_crop_scale, random_resized_crop, resized_crop
+from appendix.augment import parse_crop_scale, random_resized_crop, resized_crop
 from celeba_tree import make_celeba_tree
 from cli import InputError
 from data import Batches

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint as ckpt_io
+from infra import checkpoint as ckpt_io
 from classifier import spectral_norm_sigmas
+from tiny_flags import for_what
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--data", "circles", "--image-size", "16", "--model-channels", "8", "--classifier-width", "8",
@@ -24,7 +25,11 @@ def cases(table):
 
 
 def run(script, *args, ok=True):
-    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
+    """A top-level entry point ("train.py") as a file, a folder's script ("scripts/repeat.py") with -m, as README
+    says to run it."""
+    argv = ["-m", script[:-3].replace("/", ".")] if "/" in script else [str(ROOT / script)]
+    args = for_what(args) if script == "train.py" and ok else args     # the tiny sizes its --what uses
+    proc = subprocess.run([sys.executable, *argv, *map(str, args)], capture_output=True, text=True,
                           cwd=ROOT, timeout=300)
     if ok:
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -83,7 +88,7 @@ def test_guided_sampling_writes_samples_and_report(tiny_run):
     report = json.loads((out / "report.json").read_text())
     assert 0 <= report["accuracy_middle"] <= 1 and report["num_samples"] == 6
     assert report["batch_size"] == 4 and int(data["batch_size"]) == 4      # the samples depend on it
-    import device
+    from infra import device
     host = report["host"]                    # where the figures came from: CPU flags, AMP mode, torch version
     gpu = torch.cuda.is_available()            # --device auto: CUDA with fp16 AMP where a GPU is visible
     assert report["seed"] == 0 and host["torch"] == torch.__version__ and host["device"] == ("cuda" if gpu else "cpu")
@@ -132,7 +137,7 @@ def test_guidance_interval_is_the_runs_unless_given(tiny_run):
 
 
 def test_edits_and_old_runs_guide_every_step_unless_told():
-    from sample import guide_t_min_default
+    from sample_flags import guide_t_min_default
     assert guide_t_min_default({"guide_t_min": 1500}) == 1500
     assert guide_t_min_default({"guide_t_min": 1500}, edit=True) == 0     # App. N: --t-fraction is the window
     assert guide_t_min_default({}) == 0                                   # a run from before the setting
@@ -255,7 +260,7 @@ def leftovers(run_dir):
 def test_failed_sampling_leaves_no_folder_and_overwrite_replaces_whole(tiny_run, monkeypatch, mode):
     """Any failure after sampling started (here: the report cannot be written) leaves neither an empty nor a
     half-written sample folder; --overwrite swaps the old folder for the new one only once it is complete."""
-    import inversion
+    from appendix import inversion
     import sample
 
     def broken(*args, **kwargs):
@@ -339,7 +344,7 @@ def test_train_flag_combinations_fail_before_the_run_folder_exists(tmp_path, arg
 def test_every_flag_combination_is_checked_in_one_place_before_any_work(tmp_path, monkeypatch, capsys, args, message):
     import train
     monkeypatch.setattr(train.signal, "signal", lambda *a: None)        # keep pytest's own signal handlers
-    monkeypatch.setattr(train, "load_data", lambda *a: pytest.fail("read the data before checking the flags"))
+    monkeypatch.setattr(train, "training_sets", lambda *a: pytest.fail("read the data before checking the flags"))
     with pytest.raises(SystemExit) as exit_:
         train.main([*TINY, "--steps", "1", "--out", str(tmp_path / "new" / "run"), *args])
     err = capsys.readouterr().err
@@ -378,7 +383,7 @@ def test_fixed_variance_run_trains_on_l_simple_and_samples(tmp_path, variance, s
 
 
 def test_lambda_sweep_collects_each_report_and_plots(tiny_run):
-    proc = run("sweep.py", "--run", tiny_run, "--lambdas", "0,30", "--num-samples", "3", "--name", "t",
+    proc = run("scripts/sweep.py", "--run", tiny_run, "--lambdas", "0,30", "--num-samples", "3", "--name", "t",
                "--sample-args", "--sample-steps 2")
     rows = json.loads((tiny_run / "sweeps" / "t" / "sweep.json").read_text())["rows"]
     assert [r["lambda"] for r in rows] == [0.0, 30.0]
@@ -392,7 +397,7 @@ def test_lambda_sweep_collects_each_report_and_plots(tiny_run):
 
 @pytest.mark.parametrize("lambdas", ["a,b", "-1,30", "nan"])
 def test_sweep_bad_lambdas_is_one_line_exit_2(tiny_run, lambdas):
-    proc = run("sweep.py", "--run", tiny_run, f"--lambdas={lambdas}", ok=False)
+    proc = run("scripts/sweep.py", "--run", tiny_run, f"--lambdas={lambdas}", ok=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--lambdas" in proc.stderr
 
 
@@ -440,7 +445,7 @@ def test_classifier_beside_the_ddpm_trains_the_same_weights_as_one_after_the_oth
     together, apart = tmp_path / "together", tmp_path / "apart"
 
     def train(*args):
-        proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY, *steps, *map(str, args)],
+        proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *for_what([*TINY, *steps, *args])],
                               capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc
@@ -476,9 +481,10 @@ def test_spectral_norm_classifier_is_saved_within_its_bound(tiny_run, tmp_path):
 
 
 @pytest.mark.parametrize("script,flags", [("train.py", ["--stage1", "nope"]), ("sample.py", ["--sample-steps", "x"]),
-                                          ("repeat.py", ["--seeds", "x"]), ("sweep.py", ["--bogus"]),
-                                          ("bench.py", ["--modes"]), ("gpu_check.py", ["--stage-timeout", "x"])])
+                                          ("scripts/repeat.py", ["--seeds", "x"]), ("scripts/sweep.py", ["--bogus"]),
+                                          ("scripts/bench.py", ["--modes"]), ("scripts/gpu_check.py", ["--stage-timeout", "x"])])
 def test_a_bad_flag_is_one_line_in_every_entry_point(script, flags):
     proc = run(script, *flags, ok=False)
+    name = f"python -m {script[:-3].replace('/', '.')}" if "/" in script else script    # as README runs it
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "usage" not in proc.stderr
-    assert proc.stderr.startswith(f"{script}: error: ") and f"(see {script} --help)" in proc.stderr
+    assert proc.stderr.startswith(f"{name}: error: ") and f"(see {name} --help)" in proc.stderr

@@ -1,4 +1,4 @@
-"""cpu_preset.py: the three additions of the CPU preset, each against a closed form or a hand-computed case,
+"""beyond/cpu_preset.py: the three additions of the CPU preset, each against a closed form or a hand-computed case,
 and the paper preset's code path, which must contain none of them."""
 import math
 
@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-import cpu_preset
-from checkpoint import build_classifier
+from beyond import cpu_preset
+from infra.checkpoint import build_classifier
 from classifier import ClassifierConfig
 from cli import InputError
-from cpu_preset import MirrorEquivariant, channel_mean_stats, dc_corrected, guidance_window
+from beyond.cpu_preset import MirrorEquivariant, channel_mean_stats, dc_corrected, guidance_window
 from data import circles_dataset
 from ddpm import DiffusionConfig, GaussianDiffusion
 from guidance import multi_guidance
@@ -196,9 +196,7 @@ def test_mirror_wrapper_adds_no_weights_and_checkpoints_hold_the_classifier_alon
 
 def poison(monkeypatch, calls=None):
     """Make every entry into the three additions fail (calls is None) or be recorded in `calls`."""
-    import checkpoint
-    import generate
-    import sample
+    from infra import checkpoint
 
     def spy(name, real):
         def wrapped(*args, **kwargs):
@@ -208,9 +206,9 @@ def poison(monkeypatch, calls=None):
             return real(*args, **kwargs)
         return wrapped
 
-    monkeypatch.setattr(generate, "dc_corrected", spy("dc_corrected", cpu_preset.dc_corrected))
-    monkeypatch.setattr(checkpoint, "MirrorEquivariant", spy("MirrorEquivariant", cpu_preset.MirrorEquivariant))
-    monkeypatch.setattr(sample, "guidance_window", spy("guidance_window", cpu_preset.guidance_window))
+    for name in ("dc_corrected", "MirrorEquivariant", "guidance_window"):      # where cpu_preset.Additions calls them
+        monkeypatch.setattr(cpu_preset, name, spy(name, getattr(cpu_preset, name)))
+    monkeypatch.setattr(checkpoint, "MirrorEquivariant", cpu_preset.MirrorEquivariant)   # training's head (spied)
 
 
 @pytest.mark.parametrize("preset", ["paper", "cpu"])

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from classifier import ClassifierConfig
 from ddpm import DiffusionConfig
-from device import amp_model
+from infra.device import amp_model
 from guidance import multi_guidance
 from unet import UNetConfig
 

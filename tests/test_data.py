@@ -321,7 +321,7 @@ def test_oversample_repeats_in_place_and_checks_its_spec():
 
 
 def test_float_conversions_and_channel_mean_stats_by_hand():
-    from cpu_preset import channel_mean_stats
+    from beyond.cpu_preset import channel_mean_stats
     u8 = np.array([[[[0, 255, 51], [255, 102, 0]]]], dtype=np.uint8)      # [1, 1, 2, 3]
     x = to_float(u8)
     assert x.shape == (1, 3, 1, 2) and x.dtype == torch.float32

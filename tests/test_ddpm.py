@@ -292,7 +292,7 @@ def test_one_step_chain_denoises_from_pure_noise_in_one_step():
 def test_inversion_fraction_maps_into_the_reachable_latents():
     """x_0 is index 0 and t_stop reverse steps reach index t_stop, so the latents are 1..K-1: t_fraction = 1 is
     K-1 (original T-1), tiny fractions are 1, and a one-step chain has none."""
-    from inversion import inversion_index
+    from appendix.inversion import inversion_index
     for k in range(2, 300):
         assert inversion_index(1.0, k) == k - 1
         assert inversion_index(1e-9, k) == 1
@@ -307,7 +307,7 @@ def test_inversion_to_the_whole_chain_reaches_the_last_kept_timestep_and_decodes
     """A constant ε-predictor e makes DDIM exact [DDIM eq. 12, η = 0]: every step keeps x̂_0 = c and moves to
     sqrt(ᾱ_j) c + sqrt(1-ᾱ_j) e. The data is read as x at index 0 (improved-diffusion's convention), so
     c = (x_0 - sqrt(1-ᾱ_0) e) / sqrt(ᾱ_0); t_fraction = 1 must reach the original ᾱ_{T-1} and decode back to c."""
-    from inversion import decode, invert, inversion_index
+    from appendix.inversion import decode, invert, inversion_index
     base = GaussianDiffusion(np.full(40, 0.02))           # ᾱ_39 = 0.98^40 = 0.446: well conditioned in float32
     d = base.respace(8)
     torch.manual_seed(0)

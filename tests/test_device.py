@@ -1,11 +1,10 @@
-"""device.py: the AMP default follows the CPU's bf16 instructions, and host_info records what decides the samples."""
+"""infra/device.py: the AMP default follows the CPU's bf16 instructions, and host_info records what decides the samples."""
 import io
 
 import pytest
 import torch
 
-import device
-
+from infra import device
 EPYC = "processor\t: 0\nmodel name\t: AMD EPYC 7B13 64-Core Processor\nflags\t\t: fpu sse2 avx avx2 fma\n"
 SAPPHIRE = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
 

@@ -149,7 +149,7 @@ def test_sampling_sharded_over_two_processes_gives_the_same_samples(tiny_run, am
 def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
     # Seen on a 1-GPU machine: a 2-process torchrun put rank 1 on cuda:1, which does not exist.
     import pytest
-    import device
+    from infra import device
     from cli import InputError
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")

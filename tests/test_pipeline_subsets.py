@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint as ckpt_io
-from morpho import stroke_thickness
+from infra import checkpoint as ckpt_io
+from beyond.morpho import stroke_thickness
 from pipeline_tools import (TINY, assert_top_k, capture, celeba_with_evaluator, digits_data, evaluator_p1, match,
                             read_positions, train_main)
 from test_mnist import write_mnist_folder
@@ -68,8 +68,8 @@ def test_sizes_train_on_the_smallest_and_largest_radii(tmp_path):
 
 @pytest.mark.parametrize("delta", [0.2, 0.3])
 def test_mnist_trains_on_the_thinnest_and_thickest_delta(digits, delta, tmp_path):
-    """MNIST (mnist.py, README): the DDPM and the guidance classifier see the round(δN) thinnest and round(δN)
-    thickest of the N pool digits (δ = 0.2: 20 / 60 / 20), the middle held out. Measured thickness (morpho.py):
+    """MNIST (beyond/mnist.py, README): the DDPM and the guidance classifier see the round(δN) thinnest and round(δN)
+    thickest of the N pool digits (δ = 0.2: 20 / 60 / 20), the middle held out. Measured thickness (beyond/morpho.py):
     the training set is exactly the k thinnest and k thickest, labels balanced."""
     padded, t, k, thin, thick = digits_data(digits["root"], delta)
     calls = capture("--data", "mnist", "--data-dir", digits["root"] / "data", *TINY, "--image-size", 32, "--delta",

@@ -16,10 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoint as ckpt_io
+from infra import checkpoint as ckpt_io
 from data import load_image_folder
-from mnist import read_idx
-from morpho import stroke_thickness
+from beyond.mnist import read_idx
+from beyond.morpho import stroke_thickness
 from pipeline_tools import (LATE, STEPS, TINY, AdamWatch, alphas_cumprod, assert_every_parameter_trains, capture,
                             celeba_with_evaluator, chi2_bound, digits_data, disc_centre_x, disc_radius, draw,
                             hair_dark_share, match, mirrored, recorded_models, to_u8, train_main,
@@ -239,9 +239,9 @@ def test_folder_flips_keep_the_label(tmp_path):
 
 
 def test_mnist_labels_name_the_stroke_thickness(digits, tmp_path):
-    """MNIST (not in the paper; mnist.py): the DDPM and the guidance classifier see the δ thinnest (label 0) and δ
+    """MNIST (not in the paper; beyond/mnist.py): the DDPM and the guidance classifier see the δ thinnest (label 0) and δ
     thickest (label 1) digits, never flipped (a mirrored digit is no digit): each drawn image is a pool digit as
-    stored, its measured thickness (morpho.py) on the label's side of the split. The digit classifier's labels are
+    stored, its measured thickness (beyond/morpho.py) on the label's side of the split. The digit classifier's labels are
     the digits 0-9, from digits of every thickness, unflipped."""
     root = digits["root"]
     padded, t, k, thin, thick = digits_data(root, 0.2)

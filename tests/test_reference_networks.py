@@ -7,7 +7,7 @@ fixed inputs, for small configurations, with a recipe that regenerates their wei
   of unet.py;
 - `classifier_*`: `EncoderUNetModel` of openai/guided-diffusion (`guided_diffusion/unet.py`) [ADM], the noisy
   classifier of classifier.py with attention pooling (the paper's) and the "adaptive" mean pool;
-- `dit_*`: `DiT` of facebookresearch/DiT (`models.py`) [Peebles & Xie 2023], dit.py.
+- `dit_*`: `DiT` of facebookresearch/DiT (`models.py`) [Peebles & Xie 2023], appendix/dit.py.
 
 For each case the test builds our network with the equivalent configuration, assigns the regenerated reference
 weights to our parameters by position (the shapes must agree in order), runs it in eval mode in float32 with
@@ -34,7 +34,7 @@ import pytest
 import torch
 
 from classifier import ClassifierConfig
-from dit import DiTConfig, sincos_pos_embed
+from appendix.dit import DiTConfig, sincos_pos_embed
 from unet import UNetConfig
 
 GOLDEN = Path(__file__).parent / "data" / "networks.pt"

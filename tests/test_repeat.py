@@ -1,4 +1,4 @@
-"""repeat.py over guidance-classifier seeds (circles and CelebA: mean ± std and the figure of the seeds), and the
+"""scripts/repeat.py over guidance-classifier seeds (circles and CelebA: mean ± std and the figure of the seeds), and the
 sample files in guided-diffusion's layout (`arr_0`, uint8 NHWC) with files of the older layout (`images`) still read."""
 import json
 import re
@@ -14,7 +14,7 @@ from blobs import middle_fraction, single_circle_x
 from celeba_tree import make_celeba_tree
 from cli import InputError
 from evaluate import load_samples, save_samples
-from repeat import plot_seed_histograms
+from scripts.repeat import plot_seed_histograms
 from test_celeba_pipeline import recomputed_scores
 from test_cli import run, tiny_run  # noqa: F401  (module fixture: a 16x16 circles run with a classifier)
 
@@ -104,7 +104,7 @@ def test_seed_histograms_band_by_hand(tmp_path):
 def test_circles_repeat_writes_its_figure(tiny_run, tmp_path):  # noqa: F811
     run_dir = tmp_path / "rep"
     shutil.copytree(tiny_run, run_dir, ignore=shutil.ignore_patterns("samples"))
-    run("repeat.py", "--run", run_dir, "--seeds", "2", "--variants", "plain", "--num-samples", "4", "--tag", "_f",
+    run("scripts/repeat.py", "--run", run_dir, "--seeds", "2", "--variants", "plain", "--num-samples", "4", "--tag", "_f",
         CLASSIFIERS, "--sample-args=--sample-steps 2")
     summary = json.loads((run_dir / "repeats_f.json").read_text())
     xs = [[x for x in single_circle_x(np.load(run_dir / "samples" / f"repeat_plain_f_seed{s}" / "samples.npz")["arr_0"])
@@ -143,7 +143,7 @@ def smile(tmp_path_factory):
 
 def evaluator_p(images, path):
     """p(class 1) of the evaluation classifier (temperature included), computed here."""
-    from evaluator import load_evaluator
+    from appendix.evaluator import load_evaluator
     model, _ = load_evaluator(path)
     with torch.no_grad():
         x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -153,7 +153,7 @@ def evaluator_p(images, path):
 def test_celeba_repeat_over_classifier_seeds(smile):
     unguided = write_old_layout(smile / "ddpm_samples.npz")     # read through the older layout too
     # λ large: two classifiers of 2 steps each move the samples apart
-    run("repeat.py", "--run", smile, "--seeds", "2", "--variants", "plain", "--num-samples", "48", "--tag", "_t",
+    run("scripts/repeat.py", "--run", smile, "--seeds", "2", "--variants", "plain", "--num-samples", "48", "--tag", "_t",
         "--lambdas", "3000,3000", CLASSIFIERS, "--sample-args=--sample-steps 3")
     summary = json.loads((smile / "repeats_t.json").read_text())
     assert set(summary) == {"unguided", "plain_t"} and summary["plain_t"]["runs"] == 2
@@ -185,7 +185,7 @@ def test_celeba_repeat_over_classifier_seeds(smile):
 def test_repeat_over_seeds_writes_mean_and_std(tiny_run, tmp_path):
     run_dir = tmp_path / "rep"
     shutil.copytree(tiny_run, run_dir)
-    run("repeat.py", "--run", run_dir, "--seeds", "2", "--num-samples", "2", "--tag", "_t",
+    run("scripts/repeat.py", "--run", run_dir, "--seeds", "2", "--num-samples", "2", "--tag", "_t",
         "--train-args=--classifier-steps 2 --classifier-width 8", "--sample-args=--sample-steps 2")
     summary = json.loads((run_dir / "repeats_t.json").read_text())
     assert set(summary) == {"unguided", "plain_t", "sn_t"}
@@ -206,23 +206,23 @@ def test_repeat_over_seeds_writes_mean_and_std(tiny_run, tmp_path):
     assert "mean ± std" in table and f"torch {torch.__version__}." in table
     reference = run_dir / "samples" / "repeat_unguided" / "samples.npz"
     stamp = reference.stat().st_mtime_ns
-    run("repeat.py", "--run", run_dir, "--seeds", "1", "--first-seed", "3", "--variants", "plain", "--num-samples", "2",
+    run("scripts/repeat.py", "--run", run_dir, "--seeds", "1", "--first-seed", "3", "--variants", "plain", "--num-samples", "2",
         "--tag", "_t", "--train-args=--classifier-steps 2 --classifier-width 8", "--sample-args=--sample-steps 2",
         "--reuse-unguided")
     again = json.loads((run_dir / "repeats_t.json").read_text())
     assert again["unguided"] == summary["unguided"] and again["plain_t"]["per_seed"][0]["seed"] == 3
     assert reference.stat().st_mtime_ns == stamp                     # not sampled again
-    proc = run("repeat.py", "--run", run_dir, "--num-samples", "3", "--reuse-unguided", ok=False)
+    proc = run("scripts/repeat.py", "--run", run_dir, "--num-samples", "3", "--reuse-unguided", ok=False)
     assert proc.returncode == 2 and "--num-samples 3" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_repeat_with_changed_classifiers_needs_a_tag(tiny_run):
-    proc = run("repeat.py", "--run", tiny_run, "--train-args=--classifier-steps 2", ok=False)
+    proc = run("scripts/repeat.py", "--run", tiny_run, "--train-args=--classifier-steps 2", ok=False)
     assert proc.returncode == 2 and "--tag" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_sweep_rows_keep_every_reference_sets_figures():
-    from sweep import row_of
+    from scripts.sweep import row_of
     report = {"guidance": "classifier30-30", "fid_pixels": 5.0, "fid_inception_full": 8.1, "fid_inception_mild": 12.7,
               "precision_inception_mild": 0.75, "kld_paper_classifier30-30": 0.6, "kld_paper": 9.9,
               "kld_paper_training_data": 3.2, "mse_paper_unguided": 0.5,
@@ -234,9 +234,9 @@ def test_sweep_rows_keep_every_reference_sets_figures():
 def test_repeat_checks_the_classifiers_flags_before_sampling_anything(tiny_run, tmp_path):
     run_dir = tmp_path / "rep"
     shutil.copytree(tiny_run, run_dir)
-    proc = run("repeat.py", "--run", run_dir, "--seeds", "1", "--num-samples", "2", "--tag", "_z",
+    proc = run("scripts/repeat.py", "--run", run_dir, "--seeds", "1", "--num-samples", "2", "--tag", "_z",
                "--train-args=--classifier-steps 0", ok=False)
     assert proc.returncode == 2 and "--classifier-steps" in proc.stderr and "Traceback" not in proc.stderr
     assert not (run_dir / "samples" / "repeat_unguided").exists()
-    proc = run("repeat.py", "--run", run_dir, "--evaluator", "e.pt", ok=False)       # circles: no evaluator
+    proc = run("scripts/repeat.py", "--run", run_dir, "--evaluator", "e.pt", ok=False)       # circles: no evaluator
     assert proc.returncode == 2 and "drop --evaluator" in proc.stderr

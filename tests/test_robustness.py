@@ -8,11 +8,13 @@ import pytest
 import torch
 
 from test_cli import ROOT, TINY, run
+from tiny_flags import for_what
 
 
 def start_training(out, steps=100_000):
-    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *TINY, "--out", str(out), "--steps", str(steps),
-                             "--what", "ddpm", "--eval-samples", "0", "--ckpt-every", "3", "--log-every", "1"],
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *for_what([*TINY, "--what", "ddpm"]), "--out",
+                             str(out), "--steps", str(steps), "--eval-samples", "0", "--ckpt-every", "3",
+                             "--log-every", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
 
 
@@ -59,7 +61,7 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path, sig):
 
 def test_diverging_run_stops_and_keeps_a_finite_checkpoint(tmp_path):
     out = tmp_path / "nan"
-    proc = run("train.py", *TINY, "--out", out, "--steps", "200", "--what", "ddpm", "--eval-samples", "0",
+    proc = run("train.py", *for_what([*TINY, "--what", "ddpm"]), "--out", out, "--steps", "200", "--eval-samples", "0",
                "--lr", "1e30", "--ckpt-every", "1", ok=False)
     assert proc.returncode == 2 and "not finite" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
@@ -146,7 +148,7 @@ def test_a_signal_during_a_checkpoint_write_waits_until_the_file_is_complete(tmp
     instead of saving and exiting 130 (seen in the classifier-beside test above). The handler now runs after the
     rename: the checkpoint is whole, and no temporary file is left."""
     import os
-    import checkpoint
+    from infra import checkpoint
     events = []
 
     def handler(signum, frame):          # as train.py's: Ctrl-C and SIGTERM raise KeyboardInterrupt
@@ -177,7 +179,7 @@ def test_a_signal_during_a_checkpoint_write_waits_until_the_file_is_complete(tmp
 def test_runs_saved_with_the_old_name_of_T_still_load(tmp_path):
     """Configs saved before T was named `diffusion_steps` (improved-diffusion's name) carry `num_steps`."""
     import json
-    import checkpoint
+    from infra import checkpoint
     from ddpm import DiffusionConfig
     old = {"diffusion": {"num_steps": 40, "schedule": "cosine", "learn_sigma": True, "sigma_small": False,
                          "vb_scale": 1.0}, "data": {"image_size": 16}}
@@ -201,6 +203,6 @@ def test_resume_refuses_other_settings_than_the_checkpoints(small_run, args, mes
 @pytest.mark.parametrize("args,message", [(["--seeds", "0"], "--seeds"), (["--lambdas", "30"], "--lambdas '30'")])
 def test_repeat_refuses_bad_input_before_training_anything(small_run, args, message):
     before = sorted(p.name for p in small_run.iterdir())
-    proc = run("repeat.py", "--run", small_run, *args, ok=False)
+    proc = run("scripts/repeat.py", "--run", small_run, *args, ok=False)
     assert proc.returncode == 2 and message in proc.stderr
     assert sorted(p.name for p in small_run.iterdir()) == before          # no classifier trained, nothing sampled

@@ -1,4 +1,4 @@
-"""target.py, guidance.target_guidance, ddpm.langevin_step: sampling at a chosen level between the extremes.
+"""beyond/target.py and beyond/target_guidance.py (target guidance, Langevin corrector, SMC): sampling at a chosen level between the extremes.
 
 The sampler is checked on a 1-D two-component Gaussian mixture, where the noised density p_t, its score and the
 exact noisy classifier p_t(y | x) are closed forms: Langevin steps must sample the tilted product
@@ -14,10 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-import target
+from beyond import target
 from data import circles_dataset, render_circles
-from ddpm import GaussianDiffusion, cosine_betas, smc_resample
-from guidance import multi_guidance, shift_averaged, target_guidance, target_potential
+from ddpm import GaussianDiffusion, cosine_betas
+from guidance import multi_guidance
+from beyond.target_guidance import (langevin_step, p_sample_loop, shift_averaged, smc_resample, target_guidance,
+                                    target_potential)
 from test_cli import run, tiny_run  # noqa: F401  (module fixture: a 16x16 run with a classifier)
 from test_guidance import small_classifier
 
@@ -133,7 +135,7 @@ def test_langevin_steps_sample_the_tilted_product():
     x = torch.randn(20000, 1, 1, 1, generator=gen)
     t = torch.full((len(x),), level)
     for _ in range(2000):                          # ε = 0.1·β = 0.005 per step: total Langevin time 10
-        x = diffusion.langevin_step(toy.eps, x, t, cond_fn, step_scale=0.1, noise=torch.randn(x.shape, generator=gen))
+        x = langevin_step(diffusion, toy.eps, x, t, cond_fn, step_scale=0.1, noise=torch.randn(x.shape, generator=gen))
     grid = torch.linspace(-2.5, 2.5, 5001, dtype=torch.float64)
     log_joint = toy.log_joint(grid.view(-1, 1, 1, 1), torch.full((len(grid),), level))
     log_post = torch.log_softmax(log_joint, -1)
@@ -149,8 +151,8 @@ def test_guided_sampler_with_the_exact_classifier_returns_the_class_component(co
     """λ = 1, q = (0, 1): ∇ log p_t(x) + ∇ log p_t(1 | x) = ∇ log p_t(x | 1), so the samples are N(μ_1, S²)."""
     diffusion = GaussianDiffusion(cosine_betas(400), learn_sigma=False, sigma_small=True)
     toy = Mixture(diffusion)
-    x = diffusion.p_sample_loop(toy.eps, (8000, 1, 1, 1), cond_fn=target_guidance(toy.classifier, [0.0, 1.0], 1.0),
-                                clip_denoised=False, generator=torch.Generator().manual_seed(1), corrector=corrector)
+    x = p_sample_loop(diffusion, toy.eps, (8000, 1, 1, 1), cond_fn=target_guidance(toy.classifier, [0.0, 1.0], 1.0),
+                      clip_denoised=False, generator=torch.Generator().manual_seed(1), corrector=corrector)
     x = x.flatten()
     assert abs(float(x.mean()) - 0.5) < 0.01 and abs(float(x.std()) - S) < 0.01
     assert float((x < 0).float().mean()) < 0.002
@@ -164,8 +166,8 @@ def test_smc_resampling_samples_the_law_times_the_potential(guided, every):
     toy, kappa, q = Mixture(diffusion), 0.02, (0.7 if guided else 0.3)
     cond_fn = target_guidance(toy.classifier, [0.0, 1.0], 1.0) if guided else None
     potential = target_potential(toy.classifier, [1 - q, q], kappa)
-    x = diffusion.p_sample_loop(toy.eps, (20000, 1, 1, 1), cond_fn=cond_fn, clip_denoised=False,
-                                resample=(potential, every), generator=torch.Generator().manual_seed(2))
+    x = p_sample_loop(diffusion, toy.eps, (20000, 1, 1, 1), cond_fn=cond_fn, clip_denoised=False,
+                      resample=(potential, every), generator=torch.Generator().manual_seed(2))
     x = x.flatten().numpy()
     grid = torch.linspace(-1.5, 1.5, 3001, dtype=torch.float64)
     log_joint = toy.log_joint(grid.view(-1, 1, 1, 1), torch.zeros(len(grid), dtype=torch.long))
@@ -188,12 +190,23 @@ def test_smc_potential_sees_the_original_timestep_of_the_level_reached_and_the_s
         return -0.5 * x.flatten() ** 2 / 0.01                   # strong: every call leaves ESS < N/2
 
     def draw(seed):
-        return diffusion.p_sample_loop(toy.eps, (500, 1, 1, 1), clip_denoised=False, resample=(potential, 3),
-                                       generator=torch.Generator().manual_seed(seed))
+        return p_sample_loop(diffusion, toy.eps, (500, 1, 1, 1), clip_denoised=False, resample=(potential, 3),
+                             generator=torch.Generator().manual_seed(seed))
 
     first = draw(0)
     assert seen == [int(diffusion.timestep_map[max(i - 1, 0)]) for i in (9, 6, 3, 0)]
     assert torch.equal(first, draw(0)) and not torch.equal(first, draw(1))
+
+
+def test_without_corrector_or_resampling_the_loop_draws_the_paper_samplers_samples():
+    """beyond/target_guidance.p_sample_loop wraps ddpm's: with neither addition, the same noise in the same order."""
+    diffusion = GaussianDiffusion(cosine_betas(50), learn_sigma=False, sigma_small=True).respace(7)
+    toy = Mixture(GaussianDiffusion(cosine_betas(50), learn_sigma=False, sigma_small=True))
+    cond_fn = target_guidance(toy.classifier, [0.4, 0.6], 3.0)
+    args = (toy.eps, (64, 1, 1, 1))
+    ours = p_sample_loop(diffusion, *args, cond_fn=cond_fn, generator=torch.Generator().manual_seed(3))
+    paper = diffusion.p_sample_loop(*args, cond_fn=cond_fn, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(ours, paper)
 
 
 def test_smc_resample_draws_by_weight_and_leaves_equal_weights_alone():
@@ -327,7 +340,7 @@ def test_target_flags_without_a_target_are_refused_and_defaults_fill_in():
 
 
 def test_sweep_summary_by_hand_and_a_zero_baseline_clock():
-    import target_sweep
+    from scripts import target_sweep
     rows = [dict(method="m", classifier="c", target=t, level_error=e, level_iqr=q, broken=b, seconds_per_sample=s)
             for t, e, q, b, s in [(0.3, 0.01, 0.05, 0.0, 2.0), (0.7, 0.02, 0.07, 0.1, 4.0)]]
     s = target_sweep.summary(rows, {"c": 1.0})["m"]
@@ -339,7 +352,7 @@ def test_sweep_summary_by_hand_and_a_zero_baseline_clock():
 
 
 def test_target_sweep_tables_match_the_sample_reports(tiny_run):  # noqa: F811
-    run("target_sweep.py", "--run", tiny_run, "--targets", "0.3,0.6", "--num-samples", "2", "--name", "t",
+    run("scripts/target_sweep.py", "--run", tiny_run, "--targets", "0.3,0.6", "--num-samples", "2", "--name", "t",
         "--method", "kl=--target-loss kl --target-scale 60 --target-shifts 1", "--sample-args", "--sample-steps 2")
     folder = tiny_run / "target_sweeps" / "t"
     result = json.loads((folder / "target_sweep.json").read_text())
@@ -355,7 +368,7 @@ def test_target_sweep_tables_match_the_sample_reports(tiny_run):  # noqa: F811
     assert result["methods"]["kl"]["worst_broken"] == max(r["broken"] for r in result["rows"])
     for name in ("achieved.png", "grid_targets.png", "profiles.png", "target_sweep.md"):
         assert (folder / name).exists(), name
-    run("target_sweep.py", "--run", tiny_run, "--profiles-only", "--name", "p")
+    run("scripts/target_sweep.py", "--run", tiny_run, "--profiles-only", "--name", "p")
     profiles = json.loads((tiny_run / "target_sweeps" / "p" / "profiles.json").read_text())
     assert len(profiles["classifier_t0_shifts4"]) == len(profiles["coords"]) == 12     # x = 2..13 of 16 px
 
@@ -367,5 +380,5 @@ def test_target_sweep_tables_match_the_sample_reports(tiny_run):  # noqa: F811
     (["--method", "m=--target-scale"], "expected one argument"),
 ])
 def test_target_sweep_bad_input(tiny_run, args, message):  # noqa: F811
-    proc = run("target_sweep.py", "--run", tiny_run, *args, ok=False)
+    proc = run("scripts/target_sweep.py", "--run", tiny_run, *args, ok=False)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint as ckpt_io
+from infra import checkpoint as ckpt_io
 import train
 from data import Batches
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from classifier import ClassifierConfig
-from device import autocast
+from infra.device import autocast
 from unet import UNetConfig, count_parameters
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint as ckpt_io
+from infra import checkpoint as ckpt_io
 import config
 import train
 from ddpm import DiffusionConfig, GaussianDiffusion, cosine_betas, linear_betas
@@ -122,7 +122,7 @@ def test_linear_schedule_vlb_loss_fixed_variance_run_records_them_and_samples(tm
 ])
 def test_bad_combinations_are_one_line_before_any_work(flags, message, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train.signal, "signal", lambda *a: None)
-    monkeypatch.setattr(train, "load_data", lambda *a: pytest.fail("read the data before checking the flags"))
+    monkeypatch.setattr(train, "training_sets", lambda *a: pytest.fail("read the data before checking the flags"))
     with pytest.raises(SystemExit) as exit_:
         train.main([*TINY, "--steps", "1", "--out", str(tmp_path / "new"), *flags])
     err = capsys.readouterr().err

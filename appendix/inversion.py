@@ -16,7 +16,6 @@ from PIL import Image
 from cli import InputError, check_unused, parse_lambdas
 from data import circles_dataset, load_images, save_grid, to_float, to_uint8
 from evaluate import circle_metrics, detect_circles, plot_histograms, save_samples, write_report
-from generate import sampling_model
 
 
 def slerp(z0, z1, alpha):
@@ -148,11 +147,10 @@ def inversion_inputs(args, data_config, n):
     return images[:min(n, len(images))]
 
 
-def run_inversion(args, real, model, diffusion, cond_fn, dc, config, run, out, device):
+def run_inversion(args, real, net, diffusion, cond_fn, config, run, out, device):
     """App. M interpolation strip or App. N edits of the uint8 images `real` (inversion_inputs) into `out`, with
-    circle positions measured when the data is circles. diffusion: the respaced chain; dc: the DC prior or None
-    (generate.sampling_model)."""
-    net = sampling_model(model, diffusion, device, args.amp, args.channels_last, dc=dc)
+    circle positions measured when the data is circles. net: the denoiser as the samplers call it (sample.py:
+    generate.sampling_model and the run's additions); diffusion: the respaced chain."""
     t_stop = inversion_index(args.t_fraction, diffusion.num_timesteps)
     x = to_float(real).to(device)
     circles = config["data"]["name"] == "circles"

@@ -9,12 +9,19 @@ already has, so ddpm.py, classifier.py and guidance.py stay the paper's algorith
   MirrorEquivariant(classifier)              classifier -> classifier  logits(flip x) = swap(logits(x))
   guidance_window(cond_fn, guide_t_min)      cond_fn -> cond_fn  no classifier gradient below t = guide_t_min
 
-Measured effect of each on the demo DDPM (paper method / + each addition / all three, same seeds): RESULTS.md,
-"The CPU preset and its three additions". Flags: --dc-correction, --mirror-equivariant, --guide-t-min.
+`Additions` says which of the three a sampling run uses and applies them; sample.py builds it and calls it in one
+place, so a reader sees at the call site what differs from the paper. Measured effect of each on the demo DDPM
+(paper method / + each addition / all three, same seeds): RESULTS.md, "The CPU preset and its three additions".
+Flags: --dc-correction, --mirror-equivariant, --guide-t-min.
 """
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn as nn
+
+from cli import InputError
+from data import load_data
 
 PRESET = dict(
     image_size=32,            # circles at 32x32 (paper: 64): 4x fewer pixels, same radius-2 disc
@@ -131,3 +138,61 @@ def guidance_window(cond_fn, guide_t_min):
         return cond_fn(x_t, t) * keep.view(-1, *[1] * (x_t.dim() - 1)).float()
 
     return windowed
+
+
+# ---------------------------------------------------------------------------------------------------
+# The three, switched on for one sampling run
+# ---------------------------------------------------------------------------------------------------
+
+def dc_prior(config, dc_correction=None):
+    """(mean, var) of the data's per-image channel means for `dc_corrected`, or None for no correction.
+
+    dc_correction: True / False, or None for the run's setting (runs trained before it existed: off). Runs saved
+    before the statistics were stored get them recomputed for synthetic data; other data raises InputError.
+    """
+    use = config.get("dc_correction", False) if dc_correction is None else dc_correction
+    if not use:
+        return None
+    prior = config.get("dc_prior")
+    if prior is None:
+        if config["data"]["name"] not in ("circles", "sizes"):
+            raise InputError("--dc-correction needs the data statistics saved by train.py since it exists; "
+                             "retrain the run or sample with --no-dc-correction")
+        prior = channel_mean_stats(load_data(config["data"])[0])
+    return prior["mean"], prior["var"]
+
+
+@dataclass
+class Additions:
+    """The CPU preset's additions one sampling run uses; the default, Additions(), is none: the paper's method.
+
+    dc_prior: (mean [C], var [C]) of `dc_prior`, or None (no DC correction); mirror: one bool per guidance
+    classifier (wrap it in MirrorEquivariant, as it was trained); guide_t_min: no guidance below this original
+    timestep (0: every step). Each method returns its input unchanged when its addition is off.
+    """
+    dc_prior: tuple = None
+    mirror: tuple = ()
+    guide_t_min: int = 0
+
+    @classmethod
+    def of_run(cls, config, classifier_configs, dc_correction=None, guide_t_min=0):
+        """The run's choices (config.json and each classifier's config), --dc-correction overriding the first."""
+        return cls(dc_prior(config, dc_correction),
+                   tuple(c["classifier"].get("mirror_equivariant", False) for c in classifier_configs), guide_t_min)
+
+    def denoiser(self, net, diffusion):
+        """net(x_t, t, **kw) DC-corrected with ᾱ of `diffusion`, the chain sampled with (`dc_corrected`)."""
+        return net if self.dc_prior is None else dc_corrected(net, diffusion, *self.dc_prior)
+
+    def classifiers(self, classifiers):
+        """The guidance classifiers, each in the mirror-equivariant head it was trained with (`MirrorEquivariant`)."""
+        return [MirrorEquivariant(c) if m else c for c, m in zip(classifiers, self.mirror or [False] * len(classifiers))]
+
+    def cond_fn(self, cond_fn):
+        """cond_fn inside the guidance window t >= guide_t_min (`guidance_window`)."""
+        return cond_fn if cond_fn is None or self.guide_t_min <= 0 else guidance_window(cond_fn, self.guide_t_min)
+
+    def __str__(self):
+        on = (["DC correction"] * (self.dc_prior is not None) + ["mirror-equivariant head"] * any(self.mirror)
+              + [f"guidance only at t >= {self.guide_t_min}"] * (self.guide_t_min > 0))
+        return ", ".join(on) if on else "none (the paper's method)"

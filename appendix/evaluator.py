@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import checkpoint as ckpt_io
+from infra import checkpoint as ckpt_io
 from classifier import calibrate
 from cli import InputError, parse_ints
 from data import LABEL_UNDER_FLIP, Batches, celeba_split, check_classes, load_data, load_images, save_grid, to_float

@@ -1,10 +1,10 @@
-"""Compare ways of sampling at a chosen level of the gap (target.py) over targets and guidance-classifier seeds.
+"""Compare ways of sampling at a chosen level of the gap (beyond/target.py) over targets and guidance-classifier seeds.
 
-  python target_sweep.py --classifier classifier,classifier_sn --profiles-only --name profiles   # can they aim?
-  python target_sweep.py --classifier classifier_sn,sn_seed1,sn_seed2                           # the default method
-  python target_sweep.py --classifier classifier_sn --method kl60="--target-loss kl --target-scale 60" \\
+  python -m scripts.target_sweep --classifier classifier,classifier_sn --profiles-only --name profiles   # can they aim?
+  python -m scripts.target_sweep --classifier classifier_sn,sn_seed1,sn_seed2                           # the default method
+  python -m scripts.target_sweep --classifier classifier_sn --method kl60="--target-loss kl --target-scale 60" \\
       --method logit150="--target-loss logit --target-scale 150"
-  python target_sweep.py --run runs/mnist --targets 2.2,2.5,2.8 --num-samples 200
+  python -m scripts.target_sweep --run runs/mnist --targets 2.2,2.5,2.8 --num-samples 200
 
 For every classifier it samples plain multi-guidance (--baseline, the paper's λ = 30, 30: the spread and cost the
 methods are measured against), then each method at each target with sample.py --target, and collects from each
@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 
 import sample
-from checkpoint import load_classifier, read_config
+from infra.checkpoint import load_classifier, read_config
 from cli import ArgumentParser, InputError, one_line_errors
 from data import save_grid
 from evaluate import _pyplot, classifier_heatmap, host_line, load_samples
-from guidance import shift_averaged
-from target import LEVELS, level_stats, measure_levels
+from beyond.target_guidance import shift_averaged
+from beyond.target import LEVELS, level_stats, measure_levels
 
 GOAL = dict(error=0.03, iqr=0.08, broken=0.05, cost=3.0)    # circles, in x/W; the issue's acceptance bar
 
@@ -101,8 +101,8 @@ def plot_achieved(rows, baselines, path, xlabel):
 
 def plot_profiles(run, classifiers, data_config, ts, path, targets, shifts=4):
     """Circles: each classifier's p(class 1 | one disc at x, t), averaged over the disc's row y, at the timesteps ts
-    (evaluate.classifier_heatmap), as it is (dashed) and averaged over `shifts` shifts (solid, guidance.shift_averaged):
-    how well p tells levels apart, which bounds every method of target.py."""
+    (evaluate.classifier_heatmap), as it is (dashed) and averaged over `shifts` shifts (solid, target_guidance.shift_averaged):
+    how well p tells levels apart, which bounds every method of beyond/target.py."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(classifiers), figsize=(4 * len(classifiers), 3.4), squeeze=False)
     profiles = {}
@@ -128,7 +128,7 @@ def plot_profiles(run, classifiers, data_config, ts, path, targets, shifts=4):
 
 
 def main(argv=None):
-    p = ArgumentParser(prog="target_sweep.py", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="python -m scripts.target_sweep", description=__doc__.split("\n\n")[0],
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--run", default="runs/circles", help="run folder with ddpm.pt and the guidance classifiers")
     p.add_argument("--targets", default="0.3,0.4,0.5,0.6,0.7", help="levels (circles x/W, MNIST px)")
@@ -144,7 +144,7 @@ def main(argv=None):
                    help="circles: only draw profiles.png / profiles.json (can each classifier tell the levels apart?)")
     args = p.parse_args(argv)
     run = Path(args.run)
-    with one_line_errors("target_sweep.py"):
+    with one_line_errors("python -m scripts.target_sweep"):
         if not (run / "ddpm.pt").exists():
             raise InputError(f"{run}/ddpm.pt not found; train first or pass --run DIR")
         targets = parse_floats(args.targets, "--targets")
@@ -153,7 +153,7 @@ def main(argv=None):
         missing = [c for c in classifiers if not (run / f"{c}.pt").exists()]
         if missing or not classifiers or args.num_samples < 1:
             raise InputError(f"--classifier {missing[0] if missing else args.classifier!r}: not in {run} (train it "
-                             f"with repeat.py or train.py --what classifier) or --num-samples < 1")
+                             f"with scripts/repeat.py or train.py --what classifier) or --num-samples < 1")
         data_config = read_config(run / "config.json")["data"]
         for flags in methods.values():                       # sample.py's flag checks, before any sampling
             sample.parse_args(["--target", "0", *flags])
@@ -226,7 +226,7 @@ def meets_goal(s):
 
 def write_tables(run, rows, baselines, per_method, methods, host, args, circles=False):
     lines = [f"# Target-level sampling on {run}", "",
-             f"{args.num_samples} samples per target, method and classifier; level: see target.py.", "",
+             f"{args.num_samples} samples per target, method and classifier; level: see beyond/target.py.", "",
              "| method | flags | worst \\|median − target\\| | worst IQR | mean broken | worst broken | cost vs λ = "
              f"{args.baseline} |" + (" meets the goal |" if circles else ""), "|---" * (7 + circles) + "|"]
     for m, s in per_method.items():

@@ -6,7 +6,7 @@ FID [Heusel et al. 2017]: the Fréchet distance between Gaussians fitted to two 
 we compute the improved k-NN form of Kynkäänniemi et al. (2019, k = 3), the share of samples inside the union of
 the reference features' k-NN balls, and of references inside the samples' (so Table S2's P / R may differ).
 Feature spaces (every number names its own): raw pixels, the guidance classifier's penultimate features at t = 0,
-and, with user-supplied weights, the FID Inception v3 pool3 features (inception.py): the standard FID of the paper.
+and, with user-supplied weights, the FID Inception v3 pool3 features (appendix/inception.py): the standard FID of the paper.
 Reference sets: every circle position (circles), the run's training set, or index files of CelebA train images
 (App. I: `full`, 50k random train images; `mild`, the 10k with p(smile) nearest 0.5; evaluator.write_reference_sets).
 """
@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import checkpoint as ckpt_io
+from infra import checkpoint as ckpt_io
 from cli import InputError
 from data import circles_dataset, load_data, to_float
 from evaluate import _pyplot, show_images
-from inception import inception_features, load_fid_inception
+from appendix.inception import inception_features, load_fid_inception
 
 
 def _sqrt_psd(m):

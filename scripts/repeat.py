@@ -1,17 +1,17 @@
 """Repeat an experiment over guidance-classifier seeds: mean ± std as [ZSI] Sec. 5.5 (10 runs, a new classifier each).
 
-  python repeat.py --run runs/circles --seeds 5                 # plain and spectral-norm classifiers
-  python repeat.py --run runs/circles --seeds 10 --variants plain --lambdas 30,30
-  python repeat.py --run runs/circles --seeds 5 --first-seed 6 --variants plain --reuse-unguided   # seeds 6-10
-  python repeat.py --run runs/smile --seeds 10 --variants plain  # CelebA: KLD / "MSE" to uniform (Sec. 5.1, App. B)
-  python repeat.py --run runs/mnist --seeds 3 --variants plain   # MNIST: share in the unseen thickness band
+  python -m scripts.repeat --run runs/circles --seeds 5                 # plain and spectral-norm classifiers
+  python -m scripts.repeat --run runs/circles --seeds 10 --variants plain --lambdas 30,30
+  python -m scripts.repeat --run runs/circles --seeds 5 --first-seed 6 --variants plain --reuse-unguided   # seeds 6-10
+  python -m scripts.repeat --run runs/smile --seeds 10 --variants plain  # CelebA: KLD / "MSE" to uniform (Sec. 5.1, App. B)
+  python -m scripts.repeat --run runs/mnist --seeds 3 --variants plain   # MNIST: share in the unseen thickness band
 
 For each variant and seed s it trains a guidance classifier `<variant>_seed<s>` in the run folder on the run's data
 with the run's preset (the DDPM is shared, as in the paper; an existing classifier is resumed/reused), samples
 --num-samples images with multi-guidance and evaluates them as sample.py does: circles by the accuracy (one circle,
 centre x/W in [0.2, 0.8]) and the 0/2+-circle rate, CelebA by the KLD and "MSE" to uniform of the histogram of the
 run's evaluation classifier's p(class 1), MNIST by the share of stroke thickness in the unseen band and the digit
-quality (mnist_eval.py). Writes <run>/repeats<tag>.md and repeats<tag>.json (per seed, mean ± std,
+quality (beyond/mnist_eval.py). Writes <run>/repeats<tag>.md and repeats<tag>.json (per seed, mean ± std,
 an unguided reference) and repeats<tag>.png: per variant each seed's histogram of the evaluated quantity (circle
 centre x/W, p(class 1) or thickness), their mean ± std band and the unguided samples' histogram.
 """
@@ -23,13 +23,13 @@ import numpy as np
 
 import sample
 import train
-from checkpoint import read_config
+from infra.checkpoint import read_config
 from cli import ArgumentParser, InputError, parse_lambdas
-from device import resolve_device
+from infra.device import resolve_device
 from evaluate import _pyplot, circle_metrics, density_axes, host_line, load_samples
-from evaluator import evaluator_paths, load_evaluator, predict_probs
-from mnist_eval import DIGIT_EVALUATOR
-from morpho import stroke_thickness
+from appendix.evaluator import evaluator_paths, load_evaluator, predict_probs
+from beyond.mnist_eval import DIGIT_EVALUATOR
+from beyond.morpho import stroke_thickness
 
 VARIANTS = {"plain": [], "sn": ["--spectral-norm"],
             "no-mirror": ["--no-mirror-equivariant"]}   # the paper's head (the cpu circles preset is mirror-equivariant)
@@ -65,7 +65,7 @@ def evaluated_values(folder, evaluator, device, kind="circles"):
 
 
 def main(argv=None):
-    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m scripts.repeat", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", default="runs/circles", help="run folder with a trained DDPM (circles or celeba)")
     p.add_argument("--seeds", type=int, default=5, help="number of seeds (classifiers) per variant")
     p.add_argument("--first-seed", type=int, default=1)
@@ -96,8 +96,8 @@ def main(argv=None):
     config = read_config(run / "config.json")
     kind = config["data"]["name"]
     if kind not in METRICS:
-        p.error(f"repeat.py measures circles (middle / broken circles), celeba (KLD to uniform) and mnist; {run} holds "
-                f"{kind} data")
+        p.error(f"repeat measures circles (middle / broken circles), celeba (KLD to uniform) and mnist; {run} "
+                f"holds {kind} data")
     try:
         evaluators = evaluator_paths(args.evaluator, config["data"], run)   # a CelebA run without one: InputError
         parse_lambdas(args.lambdas, config["classifier"]["num_classes"])

@@ -1,14 +1,14 @@
 """Sweep the guidance strength λ (the same λ for every class of the guidance classifier), [ZSI] Sec. 5.3.
 
-  python sweep.py --run runs/celeba_smile --lambdas 0,3.5,10,30,50,75,100        # Fig. S13: KLD / "MSE" vs λ
-  python sweep.py --run runs/celeba_smile --lambdas 0,10,30,50 --quality          # Table S2: FID / P / R vs λ
-  python sweep.py --run runs/circles --lambdas 0,10,30,100 --num-samples 256      # circles: accuracy vs λ
-  python sweep.py --run runs/mnist --lambdas 0,10,30,100                          # digits: thickness band vs λ
+  python -m scripts.sweep --run runs/celeba_smile --lambdas 0,3.5,10,30,50,75,100        # Fig. S13: KLD / "MSE" vs λ
+  python -m scripts.sweep --run runs/celeba_smile --lambdas 0,10,30,50 --quality          # Table S2: FID / P / R vs λ
+  python -m scripts.sweep --run runs/circles --lambdas 0,10,30,100 --num-samples 256      # circles: accuracy vs λ
+  python -m scripts.sweep --run runs/mnist --lambdas 0,10,30,100                          # digits: thickness band vs λ
 
 For each λ it calls sample.py (λ = 0 is the unguided reference) and collects what that run's report holds:
 on CelebA the evaluation classifier's histogram distances to uniform (paper-exact [min, max] bins and clean
 [0, 1] bins), on circles the accuracy and the 0/2+-circle rate, on MNIST the share in the unseen thickness band and
-the digit quality (mnist_eval.py), with --quality FID / precision / recall.
+the digit quality (beyond/mnist_eval.py), with --quality FID / precision / recall.
 Writes <run>/sweeps/<name>/{sweep.md, sweep.json, sweep.png}; each λ's samples stay in <run>/samples/.
 """
 import argparse
@@ -16,7 +16,7 @@ import json
 import shlex
 from pathlib import Path
 
-import checkpoint as ckpt_io
+from infra import checkpoint as ckpt_io
 import sample
 from cli import ArgumentParser, InputError, one_line_errors
 from evaluate import _pyplot, host_line
@@ -81,7 +81,7 @@ def plot(rows, path):
 
 
 def main(argv=None):
-    p = ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="python -m scripts.sweep", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--run", default="runs/circles", help="run folder with ddpm.pt and the guidance classifier")
     p.add_argument("--lambdas", default="0,3.5,10,30,50,75,100", help="λ values (paper Fig. S13); 0 = unguided")
@@ -92,7 +92,7 @@ def main(argv=None):
     p.add_argument("--sample-args", default="", help="extra sample.py flags, quoted, e.g. '--sample-steps 250 --seed 1'")
     args = p.parse_args(argv)
     run = Path(args.run)
-    with one_line_errors("sweep.py"):
+    with one_line_errors("python -m scripts.sweep"):
         values = parse_values(args.lambdas)
         path = Path(args.classifier) if args.classifier.endswith(".pt") else run / f"{args.classifier}.pt"
         if not (run / "ddpm.pt").exists():

@@ -1,6 +1,6 @@
 """The MNIST thickness experiment's evaluation: what the paper measures, on a factor measured exactly.
 
-Per sample set (training extremes, held-out middle, unguided samples, the samples at hand), mnist.py's split:
+Per sample set (training extremes, held-out middle, unguided samples, the samples at hand), beyond/mnist.py's split:
   - stroke thickness (morpho.stroke_thickness, px): the share strictly inside the unseen band (thickest thin digit,
     thinnest thick digit), thinner / thicker than the band, and with no stroke at all; median and quartiles;
   - uniformity over the band ([ZSI] Sec. 5.1, App. B): KLD and "MSE" to uniform of the in-band thickness
@@ -18,14 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import checkpoint as ckpt_io
+from infra import checkpoint as ckpt_io
 from cli import InputError
 from data import LABEL_UNDER_FLIP, check_classes, save_grid, to_float
 from evaluate import load_samples, plot_histograms, uniformity_report, write_report
-from evaluator import load_evaluator, predict_probs, train_evaluator
-from mnist import digit_classifier_split, in_band, mnist_split
-from morpho import stroke_thickness
-from quality import fid
+from appendix.evaluator import load_evaluator, predict_probs, train_evaluator
+from beyond.mnist import digit_classifier_split, in_band, mnist_split
+from beyond.morpho import stroke_thickness
+from appendix.quality import fid
 
 DIGIT_EVALUATOR = "evaluator_digit.pt"
 CONFIDENT = 0.9        # "called a digit": the calibrated digit classifier's top probability at least this

@@ -1,4 +1,4 @@
-"""A GPU user's first ten minutes in one command: `make gpu-check` (= `python gpu_check.py`), one report
+"""A GPU user's first ten minutes in one command: `make gpu-check` (= `python -m scripts.gpu_check`), one report
 (gpu_check.md and .json in --out). On one H200 the stages but compile took about 6 minutes together (measured
 one by one; the compile stage, limited to 4, has not been timed on a GPU). Nothing here is in the paper; it checks that the paper's
 runs (App. C hyperparameters, `--preset paper`) work and how fast they go on the user's card.
@@ -8,12 +8,12 @@ leaves the others' results:
   tests    the tests that run the networks on the default device (CUDA_TESTS, pytest -n auto): on a GPU host
            train.py / sample.py then run with `--device auto`, i.e. on CUDA with fp16 AMP, and
            tests/test_cuda.py compares CUDA with the CPU. (`make test` runs all of them, about 7 min there.)
-  bench    bench.py on the paper's 121M U-Net at batch 64: fp32, fp16 AMP, bf16 AMP, AMP + channels_last,
+  bench    scripts/bench.py on the paper's 121M U-Net at batch 64: fp32, fp16 AMP, bf16 AMP, AMP + channels_last,
            bf16 + channels_last, and AMP with SDPA's unfused attention; GFLOP/s against the card's measured
            fp16 matrix-product rate.
   compile  the same for AMP + channels_last + torch.compile, beside the eager AMP + channels_last (its own
            stage: compiling the 121M U-Net takes minutes, and a time-out must not lose the bench's rows).
-  profile  where a training step's and a guided sampling step's time goes (bench.py --profile): device busy
+  profile  where a training step's and a guided sampling step's time goes (scripts/bench.py --profile): device busy
            time against wall time, split into convolutions, matmuls, attention, normalisation, optimizer, ...
   circles  a short paper-preset circles run (train.py --preset paper with few steps, then sample.py
            --lambdas 30,30): step rates, the projected time of the full run, the samples' grid and figures.
@@ -31,12 +31,12 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from bench import HEADER, format_row
-from checkpoint import write_json
+from scripts.bench import HEADER, format_row
+from infra.checkpoint import write_json
 from cli import ArgumentParser, InputError, format_time, one_line_errors
-from device import amp_default, host_info, resolve_device
+from infra.device import amp_default, host_info, resolve_device
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("tests", "bench", "compile", "profile", "circles")
 GPU_MODES = "fp32,amp,bf16,amp+channels_last,bf16+channels_last,amp+sdpa_math"
 # the tests that run the networks on the default device (CUDA on a GPU host), ~2 min on one H200 with 16 cores;
@@ -50,7 +50,7 @@ QUICK_RUN = (["--image-size", "16", "--model-channels", "8", "--classifier-width
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m scripts.gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (the reduced form runs on a CPU)")
     p.add_argument("--quick", action="store_true", help="the reduced form (default where no GPU is visible)")
     p.add_argument("--out", default="gpu_check", help="folder of the report (gpu_check.md, .json, logs)")
@@ -122,11 +122,11 @@ def stage_commands(args, device, work):
     py, quick = sys.executable, args.quick
     tests = (args.tests or ("tests/test_ddpm_small.py" if quick else CUDA_TESTS)).split(",")
     workers = ["-p", "no:xdist"] if quick else ["-n", "auto", "--dist", "load"]
-    bench = [py, "bench.py", "--device", device, "--repeats", "1" if quick else "6"]
+    bench = [py, "-m", "scripts.bench", "--device", device, "--repeats", "1" if quick else "6"]
     bench += (["--skip-paper", "--cpu-batch", "2", "--warmup", "0"] if quick else
               ["--skip-cpu-preset", "--paper-batch", "64", "--warmup", "2"])
     modes = ("fp32,channels_last", "fp32,compile") if quick else (GPU_MODES, COMPILE_MODES)
-    profile = [py, "bench.py", "--device", device, "--profile", "--repeats", "3"]
+    profile = [py, "-m", "scripts.bench", "--device", device, "--profile", "--repeats", "3"]
     profile += (["--skip-paper", "--cpu-batch", "2", "--modes", "fp32"] if quick else
                 ["--skip-cpu-preset", "--paper-batch", "64", "--modes", "amp"])
     flags, steps, clf_steps, n = QUICK_RUN if quick else FULL_RUN
@@ -146,7 +146,7 @@ def stage_commands(args, device, work):
 
 def main(argv=None):
     args = parse_args(argv)
-    with one_line_errors("gpu_check.py"):
+    with one_line_errors("python -m scripts.gpu_check"):
         device = resolve_device(args.device)
         args.quick = args.quick or device.type != "cuda"
         stages = (",".join(s for s in STAGES if not (args.quick and s == "compile")) if args.stages is None

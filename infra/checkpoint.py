@@ -22,9 +22,9 @@ import torch
 
 from classifier import ClassifierConfig
 from cli import InputError
-from cpu_preset import MirrorEquivariant
+from beyond.cpu_preset import MirrorEquivariant
 from ddpm import DiffusionConfig
-from dit import DiTConfig
+from appendix.dit import DiTConfig
 from unet import UNetConfig
 
 
@@ -178,9 +178,10 @@ def build_ddpm(config):
     return net, DiffusionConfig(**config["diffusion"]).build()
 
 
-def build_classifier(config):
+def build_classifier(config, mirror_head=True):
     """The noisy classifier of config["classifier"]; wrapped in cpu_preset.MirrorEquivariant when its
-    `mirror_equivariant` is set (the CPU preset's circles classifier; not in the paper)."""
+    `mirror_equivariant` is set (the CPU preset's circles classifier; not in the paper) and mirror_head is True.
+    InputError when the head is set for other than 2 classes."""
     kwargs = _tuples(config["classifier"])
     mirror = kwargs.pop("mirror_equivariant", False)
     classifier = ClassifierConfig(**kwargs).build()
@@ -189,7 +190,7 @@ def build_classifier(config):
     if kwargs.get("num_classes", 2) != 2:
         raise InputError(f"a mirror-equivariant head swaps 2 classes; this data has {kwargs['num_classes']}: "
                          f"pass --no-mirror-equivariant")
-    return MirrorEquivariant(classifier)
+    return MirrorEquivariant(classifier) if mirror_head else classifier
 
 
 def load_ddpm(path, device="cpu", use_ema=True):
@@ -202,12 +203,14 @@ def load_ddpm(path, device="cpu", use_ema=True):
     return model.to(device).eval(), diffusion, ckpt["config"]
 
 
-def load_classifier(path, device="cpu"):
-    """(noisy classifier in eval mode, config) from a classifier checkpoint (spectral norm rebuilt first)."""
+def load_classifier(path, device="cpu", mirror_head=True):
+    """(noisy classifier in eval mode, config) from a classifier checkpoint (spectral norm rebuilt first), as it
+    was trained; mirror_head=False leaves out the CPU preset's mirror-equivariant head (sample.py adds it back with
+    the preset's other additions, cpu_preset.Additions). The head holds no weights of its own."""
     ckpt = load(path)
     if ckpt.get("kind") != "classifier":
         raise InputError(f"{path} is a {ckpt.get('kind')} checkpoint, not a classifier")
-    model = build_classifier(ckpt["config"])
+    model = build_classifier(ckpt["config"], mirror_head)
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt["config"]
 

@@ -1,8 +1,8 @@
 """Benchmark: ms per DDPM training step and per guided sampling step, fp32 / AMP / channels_last / compile.
 
-  python bench.py                       # CPU preset (its batch, 32) and the paper's 121M U-Net (batch 2)
-  python bench.py --device cuda --paper-batch 64 --skip-cpu-preset --modes fp32,amp,bf16,amp+channels_last
-  python bench.py --device cuda --paper-batch 64 --skip-cpu-preset --profile --modes amp   # where the time goes
+  python -m scripts.bench                       # CPU preset (its batch, 32) and the paper's 121M U-Net (batch 2)
+  python -m scripts.bench --device cuda --paper-batch 64 --skip-cpu-preset --modes fp32,amp,bf16,amp+channels_last
+  python -m scripts.bench --device cuda --paper-batch 64 --skip-cpu-preset --profile --modes amp   # where the time goes
 
 A training step is forward + backward + AdamW + EMA update of the U-Net on L_hybrid; a guided sampling
 step is one U-Net forward plus one classifier forward+backward (multi-guidance, λ = 30, 30), exactly what
@@ -32,9 +32,9 @@ from classifier import ClassifierConfig
 from cli import ArgumentParser, InputError, one_line_errors
 from ddpm import DiffusionConfig
 from guidance import multi_guidance
-from checkpoint import build_classifier, write_json
+from infra.checkpoint import build_classifier, write_json
 from config import build_config, parse_args as train_args
-from device import autocast, resolve_device
+from infra.device import autocast, resolve_device
 from train import ema_update
 from unet import UNetConfig, count_parameters
 
@@ -268,7 +268,7 @@ def profile(unet_config, make_classifier, batch, device, mode="fp32", repeats=3)
 
 
 def main(argv=None):
-    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m scripts.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=float, default=3.0, help="seconds of warm-up per timed step (and >= 3 calls)")
@@ -284,7 +284,7 @@ def main(argv=None):
                         "--skip-cpu-preset the paper config's")
     p.add_argument("--json", default=None, help="also write the rows (or the profile) to this JSON file")
     args = p.parse_args(argv)
-    with one_line_errors("bench.py"):
+    with one_line_errors("python -m scripts.bench"):
         device = resolve_device(args.device)
         modes = args.modes.split(",")
         for mode in modes:

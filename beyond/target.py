@@ -13,27 +13,29 @@ classifier and the training extremes, never an image from the gap.
        logit:  q_t = σ((1 − r)·f̄_0(t) + r·f̄_1(t)), f̄_k(t) the classifier's mean logit log p_1 − log p_0 on class-k
                training images noised to t: the logit a level-L image would get if the logit were linear in the
                level between the extremes (changes with t: noisy classifiers are less sure);
-  3. guidance.target_guidance towards q with scale λ (loss kl: multi-guidance with the asymmetric weights
+  3. target_guidance.target_guidance towards q with scale λ (loss kl: multi-guidance with the asymmetric weights
      λ·(1 − q, q), fixed point p(class 1 | x_t) = q; loss mse / logit: a squared error on p / on its logit), of the
-     classifier or of its average over S small shifts (guidance.shift_averaged: removes the saw-tooth in p that a
+     classifier or of its average over S small shifts (target_guidance.shift_averaged: removes the saw-tooth in p that a
      strided classifier shows across the gap), optionally with Langevin corrector steps on the guided score at
-     every guided level (ddpm.langevin_step, [RRR] Sec. 4), and optionally sequential Monte Carlo: the batch is
+     every guided level (target_guidance.langevin_step, [RRR] Sec. 4), and optionally sequential Monte Carlo: the batch is
      weighted every SMC_EVERY steps by the potential exp(−K/2 (f − f*)²) of the same classifier's logit f and target
-     f* and resampled (guidance.target_potential, ddpm.p_sample_loop(resample=...), [FK] Sec. 3): a narrower spread
+     f* and resampled (target_guidance.target_potential and p_sample_loop(resample=...), [FK] Sec. 3): a narrower spread
      for copies among the samples (target_report's distinct centres). The population is the batch: --batch-size
      sets it (64 on CPU, 256 on CUDA), and a last batch of one sample is not resampled.
 `target_report` measures what came out: median and interquartile range of the level, broken samples (circles:
 0 or 2+ discs; MNIST: no stroke) and a histogram with the target marked.
 """
+import functools
+
 import numpy as np
 import torch
 
 from cli import GUIDANCE_MAX, InputError, check_unused, finite_float
 from data import load_data
 from evaluate import detect_circles, plot_histograms
-from guidance import shift_averaged, target_guidance, target_potential
-from mnist import mnist_split
-from morpho import stroke_thickness
+from beyond.target_guidance import p_sample_loop, shift_averaged, target_guidance, target_potential
+from beyond.mnist import mnist_split
+from beyond.morpho import stroke_thickness
 
 LEVELS = {"circles": "disc centre x/W", "mnist": "stroke thickness (px)"}   # else: q = p(class 1) itself
 MAPS = ("linear", "logit")
@@ -62,7 +64,7 @@ def add_arguments(parser):
     g.add_argument("--target-scale", type=finite_float, default=None,
                    help="λ of the target guidance (kl: 60 at q = 1/2 is the paper's λ = 30, 30)")
     g.add_argument("--target-shifts", type=int, default=None,
-                   help="average the classifier over this many diagonal shifts of 1 px (guidance.shift_averaged; 4 "
+                   help="average the classifier over this many diagonal shifts of 1 px (target_guidance.shift_averaged; 4 "
                         "removes the saw-tooth of a classifier that downsamples by 4)")
     g.add_argument("--corrector-steps", type=int, default=None,
                    help="Langevin corrector steps on the guided score before each guided predictor step (ULA)")
@@ -91,7 +93,7 @@ def check_flags(args, classifier_classes):
         raise InputError("--target runs ancestral sampling with classifier guidance: drop --cfg-scale, --ddim, "
                          "--interpolate, --edit and --guide-at")
     # ranges where sampling stays finite: a guidance weight up to GUIDANCE_MAX; the Langevin step ε = c·β_t with
-    # β_t <= 1 − ᾱ_t contracts the Gaussian part by |1 − c·β_t/(1 − ᾱ_t)| < 1 only for c < 2 (ddpm.langevin_step)
+    # β_t <= 1 − ᾱ_t contracts the Gaussian part by |1 − c·β_t/(1 − ᾱ_t)| < 1 only for c < 2 (target_guidance.langevin_step)
     if not (np.isfinite(args.target) and 0 < args.target_scale <= GUIDANCE_MAX and args.corrector_steps >= 0
             and 0 < args.corrector_size < 2 and 1 <= args.target_shifts <= 8 and 0 <= args.smc_scale <= SMC_MAX):
         raise InputError(f"--target must be a finite level, --target-scale and --corrector-size positive "
@@ -206,10 +208,12 @@ def logit_q(classifier, diffusion, images, labels, r, device, per_class=128, see
     return target
 
 
-def target_cond_fn(args, classifier, diffusion, data_config, device):
-    """(cond_fn, potential, info) for sample.py --target: target_guidance towards the q of args.target_map (module
-    docstring) and, with --smc-scale K > 0, its target_potential for ddpm's resampling (else None). info: target,
-    extremes (m_0, m_1 or None), relative position r, q (a float, or "t-dependent")."""
+def target_sampler(args, classifier, diffusion, chain, data_config, device):
+    """(cond_fn, loop, info) for sample.py --target: target_guidance towards the q of args.target_map (module
+    docstring), and the sampler: None (the paper's ancestral loop), or target_guidance.p_sample_loop on `chain` with
+    --corrector-steps Langevin steps at t >= args.guide_t_min and, with --smc-scale K > 0, resampling on
+    target_potential. diffusion: the full chain (the logit map noises the extremes on it). info: target, extremes
+    (m_0, m_1 or None), relative position r, q (a float, or "t-dependent")."""
     extremes = extreme_levels(data_config)
     r = relative_position(args.target, extremes)
     classifier = shift_averaged(classifier, args.target_shifts)
@@ -224,7 +228,10 @@ def target_cond_fn(args, classifier, diffusion, data_config, device):
                 corrector_size=args.corrector_size, smc_scale=args.smc_scale, batch_size=args.batch_size,
                 extremes=extremes, relative_position=r, q=q_text)
     potential = (target_potential(classifier, q, args.smc_scale), SMC_EVERY) if args.smc_scale else None
-    return target_guidance(classifier, q, args.target_scale, args.target_loss), potential, info
+    corrector = (args.corrector_steps, args.corrector_size, args.guide_t_min) if args.corrector_steps else None
+    loop = None if potential is None and corrector is None else \
+        functools.partial(p_sample_loop, chain, corrector=corrector, resample=potential)
+    return target_guidance(classifier, q, args.target_scale, args.target_loss), loop, info
 
 
 # ---------------------------------------------------------------------------------------------------

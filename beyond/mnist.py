@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from cli import InputError
-from morpho import stroke_thickness
+from beyond.morpho import stroke_thickness
 
 IDX_NAMES = {"train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
              "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte"}

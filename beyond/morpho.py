@@ -11,7 +11,7 @@ half way between each image's darkest and brightest grey.
     images uint8 [N, H, W] --binarise--> masks bool [N, 4H, 4W] --skeletonize--> skeleton bool [N, 4H, 4W]
     thickness [N] = 2 * (mean of the distance transform over the skeleton) / 4      (px of the input image)
 
-Outside the image counts as background everywhere (thinning and distance transform). Used by mnist.py to split
+Outside the image counts as background everywhere (thinning and distance transform). Used by beyond/mnist.py to split
 MNIST into thin / medium / thick digits and to measure the samples.
 """
 import cv2
