@@ -47,9 +47,10 @@ def quadrant_report(samples, data_config, label, out):
     for axis in ("x", "y"):
         plot_histograms({**{k: v[axis] for k, v in seen.items()}, label: m[axis]}, out / f"histogram_{axis}.png",
                         f"disc centre {axis}/W (single-disc images)", bins=32, marks=(0.5,))
-    plot_log_heatmaps({f"{k}: ln(count)": log_count_heatmap(v["x"], v["y"]) for k, v in
+    bins = samples.shape[2] // 2                                   # 2 px per bin: no aliasing of integer centres
+    plot_log_heatmaps({f"{k}: ln(count)": log_count_heatmap(v["x"], v["y"], bins) for k, v in
                        {"DDPM's training data": seen["DDPM's training data"], label: m}.items()},
-                      out / "heatmap_centres.png", "centre x/W", "centre y/W (down)")
+                      out / "heatmap_centres.png", "centre x/W", "centre y/W (0: the top row)")
     report = {k: v for k, v in m.items() if k not in ("x", "y")}
     print(f"[sample] quadrant: {m['beyond_support'] * 100:.1f}% of samples have one disc outside the training "
           f"quadrant ({m['right_half'] * 100:.1f}% right of W/2, {m['lower_half'] * 100:.1f}% below) | "
