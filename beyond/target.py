@@ -43,13 +43,14 @@ LOSSES = ("kl", "mse", "logit")
 Q_CLIP = 0.01
 SMC_EVERY = 4       # --smc-scale: weigh and resample after every 4th of the sampling steps (and the last)
 SMC_MAX = 1e6       # --smc-scale above this: the potential −K/2·(f − f*)² overflows float32 for |f − f*| ≳ 1e16
-# sample.py's --target defaults: the best of the methods compared on circles (RESULTS.md, classifier seed 0 tuned them)
+# sample.py's --target defaults: chosen on circles with spectral-norm classifiers whose zero-initialised layers had
+# not trained (classifier seed 0 tuned them); with fully trained classifiers no method compared aims (RESULTS.md)
 DEFAULTS = dict(target_map="linear", target_loss="logit", target_scale=150.0, target_shifts=4, corrector_steps=0,
                 corrector_size=0.5, smc_scale=0.0)
 
 
 def add_arguments(parser):
-    """sample.py's --target flags, one group. Defaults: the best method on circles (RESULTS.md)."""
+    """sample.py's --target flags, one group. Defaults: see DEFAULTS (RESULTS.md: none of the methods aims)."""
     g = parser.add_argument_group("target level (sampling at a chosen point of the gap; not in the paper; defaults: "
                                   + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in DEFAULTS.items()) + ")")
     g.add_argument("--target", type=finite_float, default=None, metavar="L",
