@@ -203,7 +203,7 @@ def write_tables(run, results, values, args, kind, evaluators):
 def plot_seed_histograms(named_runs, path, xlabel, bins=50, span=(0, 1), log=False, marks=(0.2, 0.8), reference=None):
     """Repeats over seeds, as the paper's mean ± std over runs ([ZSI] Sec. 5.5): one panel per variant of
     `named_runs` ({variant: [values of seed 1, values of seed 2, ...]}) with each seed's density histogram as a
-    thin step line, their mean as a thick line and mean ± std (ddof=1; 0 for one seed) as a band; `reference`
+    thin step line, their mean as a thick line and mean ± std (ddof=1; 0 for one seed; cut at 0) as a band; `reference`
     ({name: values}, e.g. unguided samples) dashed in every panel. Densities as evaluate.plot_histograms's
     (np.histogram with density=True over `span`; a seed without values counts as 0 everywhere). A 5.5·V × 3.6
     inch figure at 120 dpi for V variants. Returns {variant: (edges [bins + 1], mean [bins], std [bins])}."""
@@ -221,7 +221,7 @@ def plot_seed_histograms(named_runs, path, xlabel, bins=50, span=(0, 1), log=Fal
         stats[variant] = (edges, mean, sd)
         for row in d:
             ax.stairs(row, edges, color="C0", alpha=0.35, lw=0.8)
-        ax.stairs(mean + sd, edges, baseline=mean - sd, fill=True, color="C0", alpha=0.25,
+        ax.stairs(mean + sd, edges, baseline=np.maximum(mean - sd, 0), fill=True, color="C0", alpha=0.25,
                   label=f"mean ± std over {len(d)} seeds")
         ax.stairs(mean, edges, color="C0", lw=2, label="mean")
         for k, (name, v) in enumerate((reference or {}).items()):

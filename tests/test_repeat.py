@@ -101,6 +101,16 @@ def test_seed_histograms_band_by_hand(tmp_path):
         assert img.size == (3 * 660, 432)                                     # 5.5 x 3.6 inches per panel, 120 dpi
 
 
+def test_seed_histograms_band_stays_at_or_above_zero(tmp_path, monkeypatch):
+    # b's mean 2/3 and std sqrt(4/3) per bin (test above): mean - std < 0, a density the band must not draw
+    import matplotlib.axes
+    calls, stairs = [], matplotlib.axes.Axes.stairs
+    monkeypatch.setattr(matplotlib.axes.Axes, "stairs", lambda ax, *a, **k: calls.append(k) or stairs(ax, *a, **k))
+    plot_seed_histograms({"b": [[0.2], [0.7], []]}, tmp_path / "f.png", "x", bins=2)
+    (band,) = [k for k in calls if k.get("fill")]
+    np.testing.assert_allclose(band["baseline"], [0, 0])
+
+
 def test_circles_repeat_writes_its_figure(tiny_run, tmp_path):  # noqa: F811
     run_dir = tmp_path / "rep"
     shutil.copytree(tiny_run, run_dir, ignore=shutil.ignore_patterns("samples"))
